@@ -1,0 +1,1 @@
+"""Exporters (installed as ``fsserve.exporters``): ONNX, TensorRT, Triton model repository."""

@@ -1,0 +1,1 @@
+"""Backends that run a prompt model: torch and onnxruntime share one interface."""

@@ -1,0 +1,1 @@
+"""KServe v2 gRPC serving for fsserve bundles."""

@@ -1,0 +1,1 @@
+"""Small shared utilities (device choice, atomic writes)."""
