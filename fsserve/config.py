@@ -1,0 +1,132 @@
+"""Plain dataclass configs (prompt, training) that round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="_JsonConfig")
+
+METHODS = ("prompt", "finetune", "zero-shot")
+
+
+class _JsonConfig:
+    """Mixin giving dataclasses ``to_dict``/``from_dict``/``save``/``load`` that refuse unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict, so configs can be saved next to weights."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build the config from a dict, naming any key this version does not know."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} must be built from a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        """Read a config from a JSON file."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass
+class PromptConfig(_JsonConfig):
+    """What turns an example into an LM input and the LM's output into class scores.
+
+    >>> cfg = PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"})
+    >>> cfg.labels
+    ['0', '1']
+    """
+
+    template: str
+    label_words: dict[str, Any]
+    labels: list[str] | None = None
+    max_length: int = 128
+    truncate_head: bool = False
+    first_sent_limit: int | None = None
+    other_sent_limit: int | None = None
+    regression_range: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str) or not self.template.strip():
+            raise ValueError("template must be a non-empty string")
+        if not isinstance(self.label_words, dict) or not self.label_words:
+            raise ValueError("label_words must be a non-empty dict mapping each label to a word or list of words")
+        words: dict[str, list[str]] = {}
+        for label, value in self.label_words.items():
+            items = [value] if isinstance(value, str) else list(value)
+            if not items or not all(isinstance(w, str) and w.strip() for w in items):
+                raise ValueError(f"label {label!r} needs at least one non-empty label word, got {value!r}")
+            words[str(label)] = items
+        self.label_words = words
+        if self.labels is None:
+            self.labels = list(words)
+        self.labels = [str(label) for label in self.labels]
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be unique, got {self.labels}")
+        extra = [label for label in words if label not in self.labels]
+        if extra:
+            raise ValueError(f"label word(s) given for {extra}, which are not in the label list {self.labels}")
+        missing = [label for label in self.labels if label not in words]
+        if missing:
+            raise ValueError(f"label(s) {missing} have no label word")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if self.regression_range is not None:
+            lo, hi = (float(v) for v in self.regression_range)
+            if not hi > lo or len(self.labels) != 2:
+                raise ValueError("regression needs exactly two labels (low, high) and a range (lo, hi) with hi > lo")
+            self.regression_range = [lo, hi]
+
+    @property
+    def is_regression(self) -> bool:
+        """Say whether the prompt scores a real value (LM-BFF's two-word regression)."""
+        return self.regression_range is not None
+
+
+@dataclass
+class TrainingArguments(_JsonConfig):
+    """How a PromptModel is trained (defaults follow LM-BFF where it is practical on a CPU).
+
+    >>> TrainingArguments(max_steps=60, learning_rate=1e-5).batch_size
+    8
+    """
+
+    method: str = "prompt"
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    max_steps: int = 1000
+    eval_steps: int = 100
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    freeze_embeddings: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        for name in ("batch_size", "eval_batch_size", "eval_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -1,0 +1,458 @@
+"""Templates and label words: parse both template syntaxes into one form, and encode examples.
+
+Two syntaxes parse into the same list of :class:`Part`:
+
+* readable: ``"{sent_0} It was {mask}."``, ``"{sent_0} ? {mask} , {+sentl_1}"``; placeholders are
+  ``{cls} {sep} {sep+} {mask} {sent_i} {+sent_i} {sent-_i} {sentl_i} {sentu_i} {label_i}`` and
+  everything else is literal text (``{{``/``}}`` for braces);
+* LM-BFF's: ``"*cls**sent_0*_It_was*mask*.*sep+*"``: parts between ``*``, ``_`` is a space.
+
+Whitespace right before a part moves into that part as its ``space`` flag, as in LM-BFF, so a
+BPE tokenizer sees ``" great"`` as one word and never a lone space token. The label words of a
+mask with ``space`` are tokenized with a leading space (LM-BFF's ``Ġgreat``).
+
+Label words must each be a single token of the model's vocabulary (LM-BFF's choice): a word that
+is not is a ``ValueError`` naming it. A class with several words scores the mean of their logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fsserve.config import PromptConfig
+    from fsserve.data import Example
+
+logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = re.compile(r"^(?P<space>\+?)(?P<name>cls|sep\+?|mask|sent|label)(?P<mod>[-lu]?)(?:_(?P<index>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a template: literal text, a sentence slot, the mask, a label word or a special token."""
+
+    kind: str  # "text" | "sent" | "mask" | "label" | "cls" | "sep"
+    text: str = ""
+    index: int = 0
+    space: bool = False
+    modifier: str = ""  # sent only: "-" drop last char, "l" lower-case first char, "u" upper-case it
+    new_segment: bool = False  # sep only: "sep+" starts the next token-type segment
+
+    def render(self, sentences: Sequence[str]) -> str:
+        """Return the text of a ``text`` or ``sent`` part for one example."""
+        if self.kind == "text":
+            return self.text
+        if self.kind != "sent":
+            raise ValueError(f"part {self.kind!r} has no text")
+        if self.index >= len(sentences) or sentences[self.index] is None:
+            raise ValueError(f"the template uses sent_{self.index} but the example has no text for it")
+        text = sentences[self.index].strip()
+        if self.modifier == "-" and text:
+            text = text[:-1].rstrip()
+        elif self.modifier == "l" and text:
+            text = text[0].lower() + text[1:]
+        elif self.modifier == "u" and text:
+            text = text[0].upper() + text[1:]
+        return (" " + text) if self.space else text
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template: the one internal form behind both syntaxes.
+
+    >>> Template.parse("{sent_0} It was {mask}.") == Template.parse("*sent_0*_It_was*mask*.")
+    True
+    """
+
+    parts: tuple[Part, ...]
+    source: str = ""
+    syntax: str = "readable"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Template) and self.parts == other.parts
+
+    def __hash__(self) -> int:
+        return hash(self.parts)
+
+    @staticmethod
+    def detect_syntax(template: str) -> str:
+        """Tell LM-BFF syntax (``*mask*``) from the readable one (``{mask}``)."""
+        if re.search(r"\*\+?(mask|cls|sep\+?|sent[-lu]?_\d+|label_\d+)\*", template):
+            return "lmbff"
+        return "readable"
+
+    @classmethod
+    def parse(cls, template: str) -> Template:
+        """Parse either syntax; refuse a template without exactly one mask or with a bad placeholder."""
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("template must be a non-empty string")
+        syntax = cls.detect_syntax(template)
+        raw = _parse_lmbff(template) if syntax == "lmbff" else _parse_readable(template)
+        parts = _attach_spaces(raw)
+        masks = sum(p.kind == "mask" for p in parts)
+        if masks != 1:
+            where = "{mask}" if syntax == "readable" else "*mask*"
+            raise ValueError(f"template {template!r} must contain exactly one {where}, found {masks}")
+        if not any(p.kind == "sent" for p in parts):
+            raise ValueError(f"template {template!r} has no sentence slot ({{sent_0}} or *sent_0*)")
+        return cls(parts=tuple(parts), source=template, syntax=syntax)
+
+    @property
+    def num_sentences(self) -> int:
+        """How many input texts the template reads (1 for single-sentence tasks, 2 for pairs)."""
+        return 1 + max(p.index for p in self.parts if p.kind == "sent")
+
+    @property
+    def has_special_tokens(self) -> bool:
+        """Say whether the template places cls/sep itself (LM-BFF style) rather than relying on defaults."""
+        return any(p.kind in ("cls", "sep") for p in self.parts)
+
+    @property
+    def mask_index(self) -> int:
+        """Position of the mask in ``parts``."""
+        return next(i for i, p in enumerate(self.parts) if p.kind == "mask")
+
+    def to_readable(self) -> str:
+        """Write the template back in the readable syntax."""
+        out = []
+        for p in self.parts:
+            lead = " " if p.space and p.kind not in ("sent",) else ""
+            if p.kind == "text":
+                out.append(p.text.replace("{", "{{").replace("}", "}}"))
+            elif p.kind == "sent":
+                out.append("{" + ("+" if p.space else "") + f"sent{p.modifier}_{p.index}" + "}")
+            elif p.kind == "label":
+                out.append(lead + "{" + f"label_{p.index}" + "}")
+            elif p.kind == "sep":
+                out.append(lead + ("{sep+}" if p.new_segment else "{sep}"))
+            else:
+                out.append(lead + "{" + p.kind + "}")
+        return "".join(out)
+
+
+def _placeholder(token: str, template: str) -> Part:
+    """Turn one placeholder name (``+sentl_1``, ``mask``, ``sep+``) into a Part."""
+    m = _PLACEHOLDER.match(token)
+    if m is None:
+        raise ValueError(f"unknown placeholder {token!r} in template {template!r}")
+    name, mod, index = m.group("name"), m.group("mod"), m.group("index")
+    space = bool(m.group("space"))
+    if name in ("sent", "label"):
+        if index is None:
+            raise ValueError(f"placeholder {token!r} in template {template!r} needs an index, e.g. {name}_0")
+        if name == "label" and mod:
+            raise ValueError(f"placeholder {token!r}: modifiers apply to sentences only")
+        return Part(kind=name, index=int(index), space=space, modifier=mod)
+    if mod or index is not None:
+        raise ValueError(f"unknown placeholder {token!r} in template {template!r}")
+    if name.startswith("sep"):
+        return Part(kind="sep", space=space, new_segment=name.endswith("+"))
+    return Part(kind=name, space=space)
+
+
+def _parse_readable(template: str) -> list[Part]:
+    """Split ``"{sent_0} It was {mask}."`` into parts; ``{{``/``}}`` are literal braces."""
+    parts: list[Part] = []
+    buf: list[str] = []
+    i = 0
+    while i < len(template):
+        ch = template[i]
+        if template.startswith("{{", i) or template.startswith("}}", i):
+            buf.append(ch)
+            i += 2
+            continue
+        if ch == "{":
+            end = template.find("}", i)
+            if end < 0:
+                raise ValueError(f"unclosed '{{' at position {i} in template {template!r}")
+            if buf:
+                parts.append(Part(kind="text", text="".join(buf)))
+                buf = []
+            parts.append(_placeholder(template[i + 1 : end].strip(), template))
+            i = end + 1
+            continue
+        if ch == "}":
+            raise ValueError(f"unmatched '}}' at position {i} in template {template!r}")
+        buf.append(ch)
+        i += 1
+    if buf:
+        parts.append(Part(kind="text", text="".join(buf)))
+    return parts
+
+
+def _parse_lmbff(template: str) -> list[Part]:
+    """Split LM-BFF's ``*cls**sent_0*_It_was*mask*.*sep+*`` into parts (``_`` is a space)."""
+    parts: list[Part] = []
+    for chunk in template.split("*"):
+        if not chunk:
+            continue
+        if _PLACEHOLDER.match(chunk):
+            part = _placeholder(chunk, template)
+            if part.kind == "mask":
+                # LM-BFF tokenizes every label word with a leading space (Ġgreat).
+                part = Part(kind="mask", space=True)
+            parts.append(part)
+        else:
+            parts.append(Part(kind="text", text=chunk.replace("_", " ")))
+    return parts
+
+
+def _attach_spaces(parts: list[Part]) -> list[Part]:
+    """Move trailing whitespace of a text part into the next part's ``space`` flag (LM-BFF's form)."""
+    out: list[Part] = []
+    for i, part in enumerate(parts):
+        if part.kind == "text" and i + 1 < len(parts) and parts[i + 1].kind in ("mask", "sent", "label"):
+            stripped = part.text.rstrip()
+            if stripped != part.text:
+                nxt = parts[i + 1]
+                parts[i + 1] = Part(nxt.kind, nxt.text, nxt.index, True, nxt.modifier, nxt.new_segment)
+                part = Part(kind="text", text=stripped)
+        if part.kind == "text" and not part.text:
+            continue
+        out.append(part)
+    return out
+
+
+def decoder_template(template: str) -> str:
+    """Rewrite a template whose sentences follow the mask so the mask comes last (for decoder LMs).
+
+    ``*cls**sent-_0*?*mask*,*+sentl_1**sep+*`` becomes ``{cls}{sent-_0}?{+sentl_1}?{mask}``.
+    """
+    parsed = Template.parse(template)
+    idx = parsed.mask_index
+    if not any(p.kind == "sent" for p in parsed.parts[idx + 1 :]):
+        return template
+    before = list(parsed.parts[:idx])
+    after = [p for p in parsed.parts[idx + 1 :] if p.kind != "sep"]
+    while after and after[0].kind == "text" and after[0].text.strip() in {",", ".", ":", ";"}:
+        after = after[1:]
+    if after and after[0].kind == "sent" and not after[0].space:
+        first = after[0]
+        after[0] = Part(first.kind, first.text, first.index, True, first.modifier, first.new_segment)
+    mask = parsed.parts[idx]
+    body = Template(parts=tuple(before + after + [Part(kind="text", text="?"), mask]))
+    return body.to_readable()
+
+
+def parse_label_words(spec: str) -> dict[str, list[str]]:
+    """Parse the CLI form ``"0:terrible,1:great"`` (``|`` separates several words of one class)."""
+    result: dict[str, list[str]] = {}
+    for item in spec.split(","):
+        if ":" not in item:
+            raise ValueError(f"label word {item!r} must look like LABEL:WORD (e.g. 0:terrible)")
+        label, words = item.split(":", 1)
+        label = label.strip()
+        if label in result:
+            raise ValueError(f"label {label!r} appears twice in {spec!r}")
+        result[label] = [w.strip() for w in words.split("|") if w.strip()]
+        if not result[label]:
+            raise ValueError(f"label {label!r} has no word in {spec!r}")
+    return result
+
+
+@dataclass
+class Encoded:
+    """One tokenized prompt: ids, token types and the position whose output scores the labels."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    answer_pos: int
+
+
+class Prompt:
+    """A template and label words bound to a tokenizer and an LM kind (``mlm`` or ``causal``).
+
+    >>> prompt = Prompt(PromptConfig("{sent_0} It was {mask}.", {"0": "bad", "1": "good"}), tok, "mlm")  # doctest: +SKIP
+    >>> prompt.encode(["A fine film."])[0].answer_pos  # doctest: +SKIP
+    6
+    """
+
+    def __init__(self, config: PromptConfig, tokenizer: Any, kind: str) -> None:
+        if kind not in ("mlm", "causal"):
+            raise ValueError(f"kind must be 'mlm' or 'causal', got {kind!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.template = Template.parse(config.template)
+        self.labels: list[str] = list(config.labels or [])
+        self.parts = self._usable_parts()
+        mask = self.template.parts[self.template.mask_index]
+        self.label_word_ids, self.word_to_class = self._label_word_ids(mask.space)
+        self._literal_cache: dict[str, list[int]] = {}
+
+    # -- construction ---------------------------------------------------------------------
+    def _usable_parts(self) -> tuple[Part, ...]:
+        """Drop what a decoder cannot use (the mask and everything after it)."""
+        parts = self.template.parts
+        if self.kind == "mlm":
+            if self.tokenizer.mask_token_id is None:
+                raise ValueError("this tokenizer has no mask token, so it cannot serve a masked-LM prompt")
+            return parts
+        idx = self.template.mask_index
+        dropped = parts[idx + 1 :]
+        if any(p.kind == "sent" for p in dropped):
+            raise ValueError(
+                f"template {self.template.source!r} puts a sentence after the mask, but a decoder LM answers at the "
+                f"mask and never sees what follows; use a template with the mask last, e.g. "
+                f"{decoder_template(self.template.source)!r}"
+            )
+        if any(p.kind not in ("sep",) for p in dropped):
+            logger.info(
+                "decoder LM: the template text after the mask (%r) cannot influence the answer and is dropped",
+                Template(parts=dropped).to_readable(),
+            )
+        kept = parts[:idx]
+        if not any(p.kind == "sent" for p in kept):
+            raise ValueError(
+                f"template {self.template.source!r}: a decoder LM answers at the mask and sees only what precedes "
+                "it, but no sentence comes before the mask; move {mask} after the sentence"
+            )
+        return kept
+
+    def _label_word_ids(self, space: bool) -> tuple[list[int], list[int]]:
+        """Tokenize every label word to exactly one id, refusing words that are not one token."""
+        ids: list[int] = []
+        word_to_class: list[int] = []
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        for cls_index, label in enumerate(self.labels):
+            for word in self.config.label_words[label]:
+                text = (" " + word.strip()) if space else word.strip()
+                tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(tokens) != 1 or (unk is not None and tokens[0] == unk):
+                    pieces = self.tokenizer.convert_ids_to_tokens(tokens)
+                    raise ValueError(
+                        f"label word {word!r} (class {label!r}) is not a single token of the model's vocabulary "
+                        f"(it tokenizes as {pieces}); choose a word that is one token"
+                    )
+                ids.append(int(tokens[0]))
+                word_to_class.append(cls_index)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"two classes share a label word token: {self.config.label_words}")
+        return ids, word_to_class
+
+    # -- encoding -------------------------------------------------------------------------
+    def _special(self, kind: str) -> list[int]:
+        """Id of cls/sep for this tokenizer (a decoder falls back to bos/eos, or nothing)."""
+        tok = self.tokenizer
+        if kind == "cls":
+            value = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        else:
+            value = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        if self.kind == "causal" and kind == "cls":
+            value = tok.bos_token_id
+        return [] if value is None else [int(value)]
+
+    def _default_wrap(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer itself puts around one sequence (BERT: [CLS] … [SEP])."""
+        core = list(self.tokenizer("x", add_special_tokens=False)["input_ids"])
+        full = list(self.tokenizer("x")["input_ids"])
+        at = next((i for i in range(len(full) - len(core) + 1) if full[i : i + len(core)] == core), 0)
+        prefix, suffix = full[:at], full[at + len(core) :]
+        if self.kind == "causal":
+            suffix = []
+            bos = self.tokenizer.bos_token_id
+            if not prefix and bos is not None and getattr(self.tokenizer, "add_bos_token", False):
+                prefix = [int(bos)]
+        return prefix, suffix
+
+    def _literal(self, text: str) -> list[int]:
+        """Tokenize a literal template piece once and remember it."""
+        if text not in self._literal_cache:
+            self._literal_cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._literal_cache[text]
+
+    def encode(self, examples: Sequence[Example | str | tuple[str, str]]) -> list[Encoded]:
+        """Tokenize a batch of examples into prompts that fit ``max_length`` with the answer inside."""
+        rows = [_sentences(ex, self.template.num_sentences) for ex in examples]
+        slots = sorted({p.index for p in self.parts if p.kind == "sent"})
+        sent_tokens: dict[tuple[int, int], list[int]] = {}
+        for slot in slots:
+            part_for_slot = [p for p in self.parts if p.kind == "sent" and p.index == slot]
+            for part in part_for_slot:
+                texts = [part.render(row) for row in rows]
+                tokenized = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                for r, toks in enumerate(tokenized):
+                    sent_tokens[(r, id(part))] = list(toks)
+        prefix, suffix = ([], []) if self.template.has_special_tokens else self._default_wrap()
+        return [self._assemble(r, sent_tokens, prefix, suffix) for r in range(len(rows))]
+
+    def _assemble(self, r: int, sent_tokens: dict[tuple[int, int], list[int]], prefix: list[int], suffix: list[int]) -> Encoded:
+        """Lay out one example's parts, truncating sentences (never the template) to fit."""
+        pieces: list[tuple[Part, list[int]]] = []
+        for part in self.parts:
+            if part.kind == "sent":
+                pieces.append((part, sent_tokens[(r, id(part))]))
+            elif part.kind == "text":
+                pieces.append((part, self._literal(part.text)))
+            elif part.kind == "mask":
+                pieces.append((part, [int(self.tokenizer.mask_token_id)]))
+            elif part.kind == "label":
+                if part.index >= len(self.labels):
+                    raise ValueError(f"template uses label_{part.index} but there are only {len(self.labels)} labels")
+                word = self.config.label_words[self.labels[part.index]][0]
+                pieces.append((part, self._literal((" " if part.space else "") + word)))
+            else:
+                pieces.append((part, self._special(part.kind)))
+        fixed = len(prefix) + len(suffix) + sum(len(t) for p, t in pieces if p.kind != "sent")
+        budget = self.config.max_length - fixed
+        if budget < 1:
+            raise ValueError(f"max_length {self.config.max_length} leaves no room for the sentence after the template's {fixed} tokens")
+        sent_idx = [i for i, (p, _) in enumerate(pieces) if p.kind == "sent"]
+        lengths = [len(pieces[i][1]) for i in sent_idx]
+        for j, i in enumerate(sent_idx):
+            limit = self.config.first_sent_limit if pieces[i][0].index == 0 else self.config.other_sent_limit
+            if limit is not None:
+                lengths[j] = min(lengths[j], limit)
+        lengths = _fit_lengths(lengths, budget)
+        ids: list[int] = list(prefix)
+        types: list[int] = [0] * len(prefix)
+        segment = 0
+        answer = -1
+        for j_piece, (part, toks) in enumerate(pieces):
+            if part.kind == "sent":
+                keep = lengths[sent_idx.index(j_piece)]
+                toks = toks[len(toks) - keep :] if self.config.truncate_head else toks[:keep]
+            if part.kind == "mask":
+                answer = len(ids)
+            ids.extend(toks)
+            types.extend([segment] * len(toks))
+            if part.kind == "sep" and part.new_segment:
+                segment += 1
+        ids.extend(suffix)
+        types.extend([segment] * len(suffix))
+        if self.kind == "causal":
+            answer = len(ids) - 1
+        return Encoded(input_ids=ids, token_type_ids=types, answer_pos=answer)
+
+
+def _fit_lengths(lengths: list[int], budget: int) -> list[int]:
+    """Shorten the longest sentences first until their total fits the budget."""
+    lengths = list(lengths)
+    while sum(lengths) > budget:
+        longest = max(range(len(lengths)), key=lambda k: lengths[k])
+        excess = sum(lengths) - budget
+        others = sorted((v for k, v in enumerate(lengths) if k != longest), reverse=True)
+        floor = others[0] if others else 0
+        lengths[longest] -= max(1, min(excess, lengths[longest] - floor))
+    return lengths
+
+
+def _sentences(example: Any, needed: int) -> list[str]:
+    """Get ``[text]`` or ``[text, text_b]`` from an Example, a str or a tuple, refusing empty text."""
+    if isinstance(example, str):
+        texts = [example]
+    elif isinstance(example, (tuple, list)):
+        texts = list(example)
+    else:
+        texts = [example.text] + ([example.text_b] if getattr(example, "text_b", None) is not None else [])
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"empty text in example {example!r}")
+    if len(texts) < needed:
+        raise ValueError(f"the template needs {needed} texts (text and text_b) but the example {example!r} has {len(texts)}")
+    return texts
