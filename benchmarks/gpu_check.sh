@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call: all `gpu`-marked tests, then the GPU benchmarks.
+# Run from the repository root on any CUDA machine:   bash benchmarks/gpu_check.sh
+# Budget: under 8 minutes on one H100 (tests ~2-3 min, most of it Triton compiling each kernel
+# variant per dtype; bench_head ~1-2 min). Results go to $OUT (default out/), which the device
+# runner copies back. The script keeps going after a failed step so the benchmarks still run, and
+# exits non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+# The first interpreter whose torch sees a GPU ($PYTHON, then the machine's, then a local .venv,
+# which on a CPU-only checkout has a CPU torch and is skipped).
+PY=
+for candidate in ${PYTHON:-} python python3 .venv/bin/python; do
+    if command -v "$candidate" >/dev/null 2>&1 \
+        && "$candidate" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        PY=$candidate
+        break
+    fi
+done
+status=0
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, remember failures
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s) ==="
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s ==="
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt" || true
+if [ -z "$PY" ]; then
+    echo "no Python here has a torch that sees a CUDA device: nothing to check" >&2
+    exit 2
+fi
+echo "python: $PY"
+# fsserve.kernels is mapped from kernels/ by the install; install in place if it is missing
+# (no deps, no build isolation: the machine may be offline and torch/triton/pytest present).
+if ! "$PY" -c "import fsserve.kernels.label_logits" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || status=1
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+    | tee "$OUT/versions.txt"
+
+step gpu_tests 330 "$PY" -m pytest -m gpu -q -ra tests --junitxml="$OUT/gpu_tests.xml"
+
+step bench_head 150 "$PY" benchmarks/bench_head.py --device cuda --out "$OUT/bench_head_cuda.json"
+
+# ---------------------------------------------------------------------------------------------
+# TODO(fsserve bench): the end-to-end GPU run goes here once `fsserve bench` exists, e.g.
+#   step fsserve_bench 120 "$PY" -m fsserve.cli bench --device cuda --out "$OUT/fsserve_bench_cuda.json"
+# Keep the whole script under 8 minutes on an H100: trim its limit to what is left.
+# ---------------------------------------------------------------------------------------------
+
+echo "=== done: status=$status; results in $OUT ==="
+exit $status
