@@ -120,6 +120,7 @@ def label_logits_kernel(
     TRANSFORM: tl.constexpr,
     FUSE_DENSE: tl.constexpr,
     LOG_SOFTMAX: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -178,6 +179,9 @@ def label_logits_kernel(
                         mask=k_mask[:, None] & col_mask[None, :],
                         other=0.0,
                     )
+                    if UPCAST_DOT:
+                        xk = xk.to(tl.float32)
+                        wd = wd.to(tl.float32)
                     # fp16/bf16 use tensor cores with fp32 accumulation; fp32 stays exact ("ieee").
                     g = tl.dot(xk, wd, g, input_precision="ieee")
             else:
@@ -342,6 +346,9 @@ def label_logits(
         TRANSFORM=transform is not None,
         FUSE_DENSE=fuse,
         LOG_SOFTMAX=bool(log_softmax),
+        # Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot; interpreted
+        # (CPU) runs therefore upcast the dense tiles. Compiled GPU runs keep bf16 tensor cores.
+        UPCAST_DOT=not hidden.is_cuda and hidden.dtype == torch.bfloat16,
         BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C,
         num_warps=4,
     )
