@@ -1,0 +1,92 @@
+"""``fsserve export MODEL_DIR OUT_DIR``: a saved model to a validated bundle (and a Triton repository).
+
+Wired into fsserve/cli.py with ``add_export_parser(subparsers)``; the handler is set as the
+subparser's ``func`` default, so the main CLI calls ``args.func(args)``. This module prints
+(it is the CLI); the library it calls only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fsserve.cli")
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``export`` command on the main CLI's subparsers and return its parser."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a saved model to a self-contained ONNX bundle",
+        description="Export a saved fsserve model (from `fsserve train`) to an ONNX bundle, validated against torch.",
+    )
+    p.add_argument("model_dir", help="a folder written by `fsserve train` / PromptModel.save_pretrained")
+    p.add_argument("out_dir", help="the bundle folder to write (replaced atomically if it exists)")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation, for CPU serving")
+    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only"], help="how int8 is applied (default: dynamic)")
+    p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
+    p.add_argument("--fp16", action="store_true", help="half-precision graph, for GPU serving")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
+    p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline transformer fusions")
+    p.add_argument("--no-torch-weights", action="store_true", help="leave the torch weights out (the bundle then loads with the onnx backend only)")
+    p.add_argument("--validation-file", help="CSV/JSONL of texts on which int8/fp16 agreement with fp32 is measured")
+    p.add_argument("--triton-repository", metavar="DIR", help="also write a Triton Inference Server model repository here")
+    p.add_argument("--triton-model-name", default="fsserve")
+    p.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
+    p.add_argument("--triton-instances", type=int, default=1)
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run the export command: load, export (validated), optionally write the Triton repository."""
+    from fsserve.modeling import MODEL_CONFIG, PromptModel
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / MODEL_CONFIG).is_file():
+        raise ValueError(f"{model_dir} is not a saved fsserve model (no {MODEL_CONFIG}); train one with `fsserve train` first")
+    kwargs: dict[str, Any] = {
+        "quantize": args.quantize,
+        "fp16": args.fp16,
+        "int8_mode": args.int8_mode,
+        "per_channel": args.per_channel,
+        "torch_weights": not args.no_torch_weights,
+    }
+    if args.no_optimize:
+        kwargs["optimize"] = False
+    if args.validation_file:
+        from fsserve.data import load_examples
+
+        kwargs["validation_texts"] = load_examples(args.validation_file)
+    start = time.perf_counter()
+    model = PromptModel.from_pretrained(model_dir)
+    bundle = model.export(args.out_dir, format=args.format, **kwargs)
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
+    summary = {key: manifest.get(key) for key in ("precision", "validation", "agreement_with_fp32", "optimization")}
+    print(f"wrote bundle {bundle} in {time.perf_counter() - start:.1f}s")
+    print(json.dumps(summary, indent=2))
+    if args.triton_repository:
+        from fsserve.exporters.triton_repository import export_triton_repository
+
+        target = export_triton_repository(
+            bundle, args.triton_repository, model_name=args.triton_model_name, kind=args.triton_kind, instance_count=args.triton_instances
+        )
+        print(f"wrote Triton model repository {target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``export`` on its own (``python -m fsserve.cli_export``) until the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="fsserve")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
