@@ -15,7 +15,7 @@ import pytest
 
 from fsserve.serving.client import build_infer_request, parse_infer_response
 from fsserve.serving.config import ServerConfig
-from fsserve.serving.metrics import histogram_counts
+from fsserve.serving.server import histogram_counts
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
 from fsserve.serving.server import BackgroundServer
 from test_serving_support import metrics_text, model_dirs, reference, self_signed_cert, server_factory, start_server, stub  # noqa: F401

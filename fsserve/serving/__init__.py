@@ -18,7 +18,7 @@ _LAZY = {
     "serve": "fsserve.serving.server",
     "InferenceClient": "fsserve.serving.client",
     "DynamicBatcher": "fsserve.serving.batcher",
-    "ServerMetrics": "fsserve.serving.metrics",
+    "ServerMetrics": "fsserve.serving.server",
 }
 
 __all__ = sorted(_LAZY)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.serving.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
+from fsserve.serving.status import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,17 @@ class DynamicBatcher:
         self._pending_rows += item.rows
         self._set_depth()
         self._wakeup.set()
+        in_flight = self.metrics.in_flight.labels(model=self.model) if self.metrics is not None else None
+        if in_flight is not None:
+            in_flight.inc()
         try:
             return await item.future
         except asyncio.CancelledError:
             self._forget(item)  # the client went away (cancelled or past its deadline): no batch should run it
             raise
+        finally:
+            if in_flight is not None:
+                in_flight.dec()
 
     def begin_drain(self) -> None:
         """Run what is queued without waiting out the queue delay (the server is stopping)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsserve.serving.errors import InvalidInput
+from fsserve.serving.status import InvalidInput
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
 
 TEXT, TEXT_B, LABEL, PROBS = "TEXT", "TEXT_B", "LABEL", "PROBS"

@@ -1,7 +1,8 @@
-"""Server interceptors: exceptions → gRPC status codes (with metrics and logs), and bearer-token auth.
+"""Failures and their gRPC status codes: the domain errors, and the interceptors that answer with them.
 
-The servicer raises domain errors (fsserve.serving.errors) and never touches status codes; this is
-the one place that turns them, and any unexpected exception, into what the client sees.
+The servicer, the codec and the batcher raise the errors below and never touch status codes; the
+StatusInterceptor is the one place that turns them, and any unexpected exception, into what the
+client sees. TokenAuthInterceptor refuses calls without the bearer token.
 """
 
 from __future__ import annotations
@@ -16,11 +17,104 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from fsserve.serving.errors import ServingError, Unauthenticated
-
 logger = logging.getLogger(__name__)
 
+
+class ServingError(Exception):
+    """A failure that maps to one gRPC status code; the message names the problem for the client.
+
+    >>> ServingError("no such thing").code
+    <StatusCode.INTERNAL: (13, 'internal')>
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServingError):
+    """The request is malformed: a missing, wrong-typed or oversized input.
+
+    >>> InvalidInput("input 'TEXT' is missing").code.name
+    'INVALID_ARGUMENT'
+    """
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServingError):
+    """The request names a model (or version) this server does not serve.
+
+    >>> ModelNotFound("unknown model 'x'").code.name
+    'NOT_FOUND'
+    """
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class QueueFull(ServingError):
+    """The model's request queue is at its bound; the client should back off and retry.
+
+    >>> QueueFull("queue full").code.name
+    'RESOURCE_EXHAUSTED'
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its batch ran, so it was dropped from the batch.
+
+    >>> DeadlineExceeded("too late").code.name
+    'DEADLINE_EXCEEDED'
+    """
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServingError):
+    """The server is shutting down and takes no new work.
+
+    >>> Unavailable("draining").code.name
+    'UNAVAILABLE'
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServingError):
+    """The request lacks the bearer token this server was started with.
+
+    >>> Unauthenticated("missing token").code.name
+    'UNAUTHENTICATED'
+    """
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not the method's protobuf message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so undecodable bytes reach the handler (→ INVALID_ARGUMENT), not gRPC's UNKNOWN."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
+            return _Undecodable(exc)
+
+    return deserialize
 
 
 def _short(method: str) -> str:
@@ -52,6 +146,8 @@ class StatusInterceptor(aio.ServerInterceptor):
         async def behavior(request: Any, context: aio.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidInput(f"request is not a valid protobuf message for {method}: {request.error}")
                 response = await inner(request, context)
             except ServingError as exc:
                 self._record(method, exc.code, start, exc.message)
@@ -70,7 +166,7 @@ class StatusInterceptor(aio.ServerInterceptor):
                 return response
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            behavior, request_deserializer=_tolerant(handler.request_deserializer), response_serializer=handler.response_serializer
         )
 
     def _record(self, method: str, code: grpc.StatusCode, start: float, message: str) -> None:
