@@ -279,3 +279,17 @@ def test_server_config_round_trip_and_validation() -> None:
         ServerConfig(models={"m": "p"}, max_batch_size=0)
     with pytest.raises(ValueError, match="unknown ServerConfig field"):
         ServerConfig.from_dict({"models": {"m": "p"}, "prot": 1})
+
+
+def test_serves_an_exported_onnx_bundle(tmp_path: Path, model_dirs: dict[str, Path], reference: dict[str, Any]) -> None:  # noqa: F811
+    from fsserve.modeling import PromptModel
+    from fsserve.predictor import Predictor
+
+    bundle = PromptModel.from_pretrained(model_dirs["sst2"]).export(tmp_path / "sst2-onnx", torch_weights=False)
+    with BackgroundServer(ServerConfig(models={"onnx": str(bundle)}, port=0, metrics_port=None)) as server:
+        channel, client = stub(server.port)
+        assert client.ModelMetadata(pb.ModelMetadataRequest(name="onnx")).platform == "fsserve_onnx"
+        result = parse_infer_response(client.ModelInfer(build_infer_request("onnx", TEXTS), timeout=30))
+        channel.close()
+    np.testing.assert_allclose(result.probs, Predictor.from_pretrained(bundle, backend="onnx").predict_proba(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(result.probs, reference["sst2"].predict_proba(TEXTS), atol=1e-4)
