@@ -117,6 +117,16 @@ def test_int8_weight_only_mode_keeps_activations_in_float(tiny_lm: Any, tmp_path
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(path / "model.onnx")).graph.node)
 
 
+def test_fp16_export_keeps_float32_io_and_agrees(tiny_lm: Any, tmp_path: Path) -> None:
+    model = _model(tiny_lm, "bert")
+    path = model.export(tmp_path / "fp16", fp16=True, torch_weights=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["agreement_with_fp32"]["agreement"] >= 0.95
+    graph = onnx.load(str(path / "model.onnx"))
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+
+
 def test_bad_export_options_are_refused(tiny_lm: Any, tmp_path: Path) -> None:
     model = _model(tiny_lm, "bert")
     with pytest.raises(ValueError, match="quantize"):
