@@ -87,6 +87,10 @@ class DemoIndex:
         self.batch_size = int(batch_size)
         self.examples: list[Example] = []
         self._setup(labels, examples)
+        present = {self._class_index(ex.label) for ex in examples}  # bad labels fail before the slow embedding
+        missing = [c for j, c in enumerate(self.classes) if j not in present]
+        if missing:
+            raise ValueError(f"the demonstration pool has no example of class(es) {missing}")
         self._embeddings = self.embed([pair_text(ex.text, ex.text_b) for ex in examples])
         self.dim = int(self._embeddings.shape[1])
         self._append(list(examples), self._embeddings, build=True)
@@ -110,13 +114,12 @@ class DemoIndex:
         """Map a label (a class name, or a regression score) to its class position."""
         if label is None:
             raise ValueError("a demonstration needs a label; got an unlabelled example")
-        if isinstance(label, float):
-            if self.task is not None:
-                label = regression_class(label, self.task)
-            elif self.threshold is not None:
-                label = "0" if label <= self.threshold else "1"
-            else:
+        scored = self.task is not None or self.threshold is not None
+        if isinstance(label, float) or (scored and isinstance(label, int) and not isinstance(label, bool)):
+            if not scored:
                 raise ValueError(f"regression label {label} needs task= or threshold= to be put in a class")
+            # LM-BFF's demonstration rule: a score at the split point is low ("0").
+            label = regression_class(label, self.task) if self.task is not None else ("0" if label <= self.threshold else "1")
         if str(label) not in self.classes:
             raise ValueError(f"label {label!r} is not one of the classes {self.classes}")
         return self.classes.index(str(label))
@@ -156,9 +159,6 @@ class DemoIndex:
         classes = np.array([self._class_index(ex.label) for ex in examples], dtype=np.int64)
         start = len(self.examples)
         ids = np.arange(start, start + len(examples), dtype=np.int64)
-        missing = [c for j, c in enumerate(self.classes) if not np.any(classes == j)]
-        if build and missing:
-            raise ValueError(f"the demonstration pool has no example of class(es) {missing}")
         for j in range(len(self.classes)):
             rows = ids[classes == j]
             if build:
@@ -205,7 +205,8 @@ class DemoIndex:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, *, encoder: str | None = None, device: str | None = None) -> DemoIndex:
+    def load(cls, directory: str | Path, *, encoder: str | None = None, device: str | None = None,
+             batch_size: int = 64) -> DemoIndex:
         """Load a saved index without re-embedding, refusing it when any file disagrees with its meta."""
         import faiss
 
@@ -231,7 +232,7 @@ class DemoIndex:
                              f"{len(pool['texts'])} texts and dimension {meta['dim']} in {root}")
         self = cls.__new__(cls)
         self.encoder_name, self.dim, self.index_type = meta["encoder"], int(meta["dim"]), meta["index_type"]
-        self.task, self.threshold, self.device, self.batch_size = meta["task"], meta["threshold"], resolve_device(device), 64
+        self.task, self.threshold, self.device, self.batch_size = meta["task"], meta["threshold"], resolve_device(device), int(batch_size)
         examples = [Example(t, b, lab) for t, b, lab in zip(pool["texts"], pool["texts_b"], pool["labels"])]
         self.examples = []
         self._setup(meta["classes"], examples)
@@ -253,6 +254,7 @@ class DemoIndex:
 
     # -- embedding and selection ----------------------------------------------------------
     def __len__(self) -> int:
+        """Pool size, so callers can size draws and check ids."""
         return len(self.examples)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -284,18 +286,24 @@ class DemoIndex:
         return [[self.examples[int(i)] for i in row] for row in np.asarray(selection)]
 
     def select(self, queries: Sequence[Query], mode: str = "top1", filter_rate: float = 0.5,
-               rng: np.random.Generator | int | None = None, exclude: Sequence[Any] | None = None) -> np.ndarray:
+               rng: np.random.Generator | int | None = None, exclude: Sequence[Any] | None = None,
+               embeddings: np.ndarray | None = None) -> np.ndarray:
         """Pick one demonstration per class for each query: a (queries × classes) array of pool ids.
 
         ``exclude`` has one entry per query: a pool id, a collection of ids, or None. Pool entries with the
-        query's own text are always excluded. ``random`` never calls the encoder.
+        query's own text are always excluded. ``embeddings`` (from :meth:`embed`) lets several draws for
+        the same queries (LM-BFF's ``num_sample``) share one encoder call; ``random`` never calls it.
         """
         texts = [_query_text(q) for q in queries]
         keys = [_key(t) for t in texts]
         if exclude is not None and len(exclude) != len(keys):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(keys)} queries")
         banned = [_as_ids(None if exclude is None else exclude[i]) for i in range(len(keys))]
-        vectors = None if mode == "random" or not keys else self.embed(texts)
+        vectors = embeddings
+        if vectors is None and mode != "random" and keys:
+            vectors = self.embed(texts)
+        elif vectors is not None and np.shape(vectors) != (len(keys), self.dim):
+            raise ValueError(f"embeddings must have shape ({len(keys)}, {self.dim}), got {np.shape(vectors)}")
         return self._select(vectors, keys, banned, mode, filter_rate, rng)
 
     def select_by_id(self, pool_ids: Sequence[int] | np.ndarray, mode: str = "similar", filter_rate: float = 0.5,

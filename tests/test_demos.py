@@ -88,10 +88,20 @@ def test_random_is_uniform_over_the_class(index: DemoIndex) -> None:
     assert counts.min() > 30 and counts.max() < 100  # 10 members, 60 draws expected each
 
 
-def test_batch_search_equals_per_query_search(index: DemoIndex) -> None:
+def test_batch_search_equals_per_query_search(index: DemoIndex, monkeypatch: pytest.MonkeyPatch) -> None:
     batch = index.select(QUERIES, mode="top1")
     single = np.concatenate([index.select([q], mode="top1") for q in QUERIES])
     np.testing.assert_array_equal(batch, single)
+    # one encoder call per batch, and none when the caller passes the embeddings (num_sample draws)
+    calls: list[int] = []
+    embed = DemoIndex.embed
+    monkeypatch.setattr(DemoIndex, "embed", lambda self, texts: calls.append(len(texts)) or embed(self, texts))
+    vectors = index.embed(QUERIES)
+    assert index.select(QUERIES, mode="top1").tolist() == batch.tolist() and calls == [4, 4]
+    assert index.select(QUERIES, mode="top1", embeddings=vectors).tolist() == batch.tolist() and calls == [4, 4]
+    assert index.demos(batch)[0][1] is index.examples[batch[0, 1]]
+    with pytest.raises(ValueError, match="shape"):
+        index.select(QUERIES, embeddings=vectors[:2])
 
 
 def test_save_load_gives_identical_selections_without_reembedding(index: DemoIndex, tmp_path: Path,
