@@ -5,7 +5,10 @@ Selection returns, for every query, one pool id per class in class order (``sele
 batch of queries in one encoder call; ``select_by_id`` reuses the stored embeddings of pool
 members, which is what training needs). A query never gets itself: neither its own pool id nor any
 pool entry with the same text. Regression pools are split into classes "0"/"1" at the task's median
-(LM-BFF's rule, ``fsserve.data.regression_class``) or at an explicit ``threshold``.
+(LM-BFF's rule, ``fsserve.data.regression_class``) or at an explicit ``threshold``. ``similar``
+keeps the top ``filter_rate`` of each class's candidates (LM-BFF: of the pool size / classes; the same
+for balanced pools). ``select`` only reads (CPU FAISS searches may run concurrently); ``add`` must not
+run beside it.
 """
 
 from __future__ import annotations
@@ -299,6 +302,8 @@ class DemoIndex:
         if exclude is not None and len(exclude) != len(keys):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(keys)} queries")
         banned = [_as_ids(None if exclude is None else exclude[i]) for i in range(len(keys))]
+        if any(i >= len(self.examples) for b in banned for i in b):
+            raise ValueError(f"exclude names a pool id beyond the pool of {len(self.examples)}")
         vectors = embeddings
         if vectors is None and mode != "random" and keys:
             vectors = self.embed(texts)
@@ -357,9 +362,13 @@ class DemoIndex:
         index = self._indexes[j]
         if hasattr(index, "getDevice") and k > GPU_MAX_K:
             return self._exact(j, vectors, k)
+        params = None
         if self.index_type == "hnsw":
-            index.hnsw.efSearch = max(64, k)
-        _, local = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+            import faiss
+
+            params = faiss.SearchParametersHNSW()  # per call, so concurrent searches never share a setting
+            params.efSearch = max(64, k)
+        _, local = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k, params=params)
         return local
 
     def _exact(self, j: int, vectors: np.ndarray, k: int) -> np.ndarray:
@@ -388,4 +397,4 @@ def _as_ids(value: Any) -> set[int]:
         return set()
     if isinstance(value, (int, np.integer)):
         return {int(value)} if value >= 0 else set()
-    return {int(v) for v in value}
+    return {int(v) for v in value if int(v) >= 0}

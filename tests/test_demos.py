@@ -204,8 +204,10 @@ def test_bad_selection_arguments_are_refused(index: DemoIndex) -> None:
         index.select(QUERIES, mode="nearest")
     with pytest.raises(ValueError, match="filter_rate"):
         index.select(QUERIES, mode="similar", filter_rate=0.0)
-    with pytest.raises(ValueError, match="exclude"):
+    with pytest.raises(ValueError, match="exclude has 1 entries"):
         index.select(QUERIES, exclude=[0])
+    with pytest.raises(ValueError, match="beyond the pool"):
+        index.select(QUERIES[:1], exclude=[len(index)])
     with pytest.raises(ValueError, match="index_type"):
         DemoIndex(POOL, index_type="lsh")
 
@@ -254,6 +256,13 @@ def test_truncation_keeps_the_answer_inside_max_length(minilm_tokenizer, gemma_t
         assert "terrible" in text and "great" in text  # the template (and label words) is never cut
     first = tokenizer.decode(encoded[0].input_ids)
     assert ("w0 " in first) != truncate_head  # head truncation keeps the end of each sentence
+
+
+def test_sentence_limits_cap_the_query_and_the_demos_separately(minilm_tokenizer) -> None:
+    prompt = _prompt(minilm_tokenizer, "mlm", max_length=128, first_sent_limit=10, other_sent_limit=4)
+    demos = [[Example("bad " * 50, label="0"), Example("fine " * 50, label="1")]]
+    tokens = minilm_tokenizer.convert_ids_to_tokens(DemoPrompt(prompt).encode(["good " * 50], demos)[0].input_ids)
+    assert (tokens.count("good"), tokens.count("bad"), tokens.count("fine")) == (10, 4, 4)
 
 
 def test_pair_template_demos_and_token_types_fit_a_bert(tiny_lm, minilm_tokenizer) -> None:
