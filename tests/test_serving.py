@@ -293,3 +293,12 @@ def test_serves_an_exported_onnx_bundle(tmp_path: Path, model_dirs: dict[str, Pa
         channel.close()
     np.testing.assert_allclose(result.probs, Predictor.from_pretrained(bundle, backend="onnx").predict_proba(TEXTS), atol=1e-5)
     np.testing.assert_allclose(result.probs, reference["sst2"].predict_proba(TEXTS), atol=1e-4)
+
+
+def test_missing_serve_extra_names_it() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['grpc'] = None\nfrom fsserve.serving import InferenceServer"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "ImportError" in proc.stderr and "fsserve[serve]" in proc.stderr, proc.stderr
