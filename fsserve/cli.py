@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_predict)
+
+    from fsserve.cli_export import add_export_parser
+    from fsserve.cli_serve import add_serve_parsers
+
+    add_export_parser(sub)
+    add_serve_parsers(sub)
     return parser
 
 

@@ -16,11 +16,13 @@ from torch import nn
 class MLMTransform(nn.Module):
     """The MLM head's dense → activation → LayerNorm, shared by reference with the LM (no copy)."""
 
-    def __init__(self, dense: nn.Linear, activation: Any, norm: nn.LayerNorm) -> None:
+    def __init__(self, dense: nn.Linear, activation: Any, norm: nn.LayerNorm, activation_name: str | None = None) -> None:
         super().__init__()
         self.dense = dense
         self.activation = activation
         self.norm = norm
+        # "gelu" (exact erf) is what the fused kernel implements; anything else stays on the torch path.
+        self.activation_name = activation_name
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the transform the MLM head runs before its vocabulary decoder."""
@@ -45,20 +47,22 @@ def mlm_head_parts(lm: nn.Module) -> tuple[MLMTransform, nn.Module]:
     decoder = lm.get_output_embeddings()
     if decoder is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings to take label-word rows from")
+    act = getattr(lm.config, "hidden_act", None)
     if hasattr(lm, "cls") and hasattr(lm.cls, "predictions"):
         t = lm.cls.predictions.transform
-        return MLMTransform(t.dense, _activation(t, "transform_act_fn"), t.LayerNorm), decoder
+        return MLMTransform(t.dense, _activation(t, "transform_act_fn"), t.LayerNorm, act), decoder
     if hasattr(lm, "lm_head") and hasattr(lm.lm_head, "dense") and hasattr(lm.lm_head, "layer_norm"):
         head = lm.lm_head
-        return MLMTransform(head.dense, nn.GELU(), head.layer_norm), decoder
+        return MLMTransform(head.dense, nn.GELU(), head.layer_norm, "gelu"), decoder
     if hasattr(lm, "vocab_transform"):
-        return MLMTransform(lm.vocab_transform, _activation(lm, "activation"), lm.vocab_layer_norm), decoder
+        act = getattr(lm.config, "activation", act)
+        return MLMTransform(lm.vocab_transform, _activation(lm, "activation"), lm.vocab_layer_norm, act), decoder
     if hasattr(lm, "generator_predictions"):
         g = lm.generator_predictions
-        return MLMTransform(g.dense, _activation(g, "activation"), g.LayerNorm), decoder
+        return MLMTransform(g.dense, _activation(g, "activation"), g.LayerNorm, act), decoder
     if hasattr(lm, "predictions") and hasattr(lm.predictions, "LayerNorm"):
         p = lm.predictions
-        return MLMTransform(p.dense, _activation(p, "activation"), p.LayerNorm), decoder
+        return MLMTransform(p.dense, _activation(p, "activation"), p.LayerNorm, act), decoder
     raise ValueError(
         f"fsserve does not know the masked-LM head of {type(lm).__name__}; supported families are "
         "BERT, RoBERTa/XLM-R, DistilBERT, ELECTRA and ALBERT"
@@ -101,6 +105,27 @@ class LabelWordHead(nn.Module):
         """The decoder bias entries of the label words, if the decoder has a bias."""
         bias = getattr(self.decoder, "bias", None)
         return None if bias is None else bias.index_select(0, self.label_word_ids)
+
+    @property
+    def fusable(self) -> bool:
+        """Say whether the fused label-logit op (``fsserve.kernels.label_logits``) computes this head exactly."""
+        return not self.softcap and (self.transform is None or self.transform.activation_name == "gelu")
+
+    def fused(self, hidden: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+        """Gather, transform and score in one op: the Triton kernel on CUDA, its torch reference elsewhere."""
+        from fsserve.kernels.label_logits import HeadTransform, label_logits
+
+        transform = None
+        if self.transform is not None:
+            t = self.transform
+            transform = HeadTransform(t.dense.weight, t.dense.bias, t.norm.weight, t.norm.bias, float(t.norm.eps))
+        word_map = None if self.word_to_class.numel() == self.num_labels and bool(
+            (self.word_to_class == torch.arange(self.num_labels, device=self.word_to_class.device)).all()
+        ) else self.word_to_class
+        return label_logits(
+            hidden, answer_pos, self.label_weight(), self.label_bias(), transform=transform,
+            word_to_class=word_map, num_labels=self.num_labels,
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Map (B, H) answer-position states to (B, num_labels): mean of each class's word logits."""

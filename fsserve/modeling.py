@@ -91,6 +91,8 @@ class PromptModel(nn.Module):
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         self.pad_token_id = int(tokenizer.pad_token_id)
+        # Inference goes through fsserve.kernels.label_logits (Triton on CUDA, its torch reference elsewhere).
+        self.use_fused_head = True
 
     # -- loading and saving ---------------------------------------------------------------
     @classmethod
@@ -225,10 +227,8 @@ class PromptModel(nn.Module):
         return batch
 
     # -- the forward ----------------------------------------------------------------------
-    def hidden_at_answer(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Run the LM body (no vocabulary projection) and take each row's state at its answer position."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the LM body only (no vocabulary projection): (B, S, H) last hidden states."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.uses_token_types:
             kwargs["token_type_ids"] = token_type_ids
@@ -236,6 +236,13 @@ class PromptModel(nn.Module):
             # Positions count real tokens only, so left- and right-padded batches give the same answer.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.backbone(**kwargs).last_hidden_state
+        return hidden
+
+    def hidden_at_answer(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the LM body (no vocabulary projection) and take each row's state at its answer position."""
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, answer_pos]
 
@@ -243,7 +250,10 @@ class PromptModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Return the (B, num_labels) label logits: the one function every backend implements."""
-        return self.head(self.hidden_at_answer(input_ids, attention_mask, answer_pos, token_type_ids))
+        head = self.head
+        if self.use_fused_head and isinstance(head, LabelWordHead) and head.fusable and not torch.is_grad_enabled() and not _tracing():
+            return head.fused(self.hidden_states(input_ids, attention_mask, token_type_ids), answer_pos)
+        return head(self.hidden_at_answer(input_ids, attention_mask, answer_pos, token_type_ids))
 
     label_logits = forward
 
@@ -298,6 +308,13 @@ class PromptModel(nn.Module):
         if embeddings:
             for param in self.lm.get_input_embeddings().parameters():
                 param.requires_grad_(False)
+
+
+def _tracing() -> bool:
+    """Say whether the forward is being traced or exported, where the plain torch head must be used."""
+    onnx_export = getattr(torch.onnx, "is_in_onnx_export", lambda: False)()
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return bool(torch.jit.is_tracing() or onnx_export or compiling)
 
 
 def _forward_args(module: nn.Module) -> set[str]:
