@@ -96,6 +96,34 @@ class PromptConfig(_JsonConfig):
         return self.regression_range is not None
 
 
+DEMO_MODES = ("random", "similar", "top1")
+
+
+@dataclass
+class DemoConfig(_JsonConfig):
+    """How demonstrations are drawn: fresh per example and step in training, ``top1`` by default at prediction.
+
+    >>> DemoConfig(train_mode="similar", eval_mode="top1").filter_rate
+    0.5
+    """
+
+    train_mode: str = "similar"
+    eval_mode: str = "top1"
+    filter_rate: float = 0.5
+    num_sample: int = 1
+    encoder: str | None = None
+    index_type: str = "flat"
+
+    def __post_init__(self) -> None:
+        for name in ("train_mode", "eval_mode"):
+            if getattr(self, name) not in DEMO_MODES:
+                raise ValueError(f"{name} must be one of {', '.join(DEMO_MODES)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.filter_rate <= 1.0:
+            raise ValueError(f"filter_rate must be in (0, 1], got {self.filter_rate}")
+        if self.num_sample < 1:
+            raise ValueError(f"num_sample must be at least 1, got {self.num_sample}")
+
+
 @dataclass
 class TrainingArguments(_JsonConfig):
     """How a PromptModel is trained (defaults follow LM-BFF where it is practical on a CPU).

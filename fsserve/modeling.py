@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsserve.config import PromptConfig
+from fsserve.config import DemoConfig, PromptConfig
 from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts
 from fsserve.prompts import Encoded, Prompt, _sentences
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 MODEL_CONFIG = "fsserve.json"
 HEAD_WEIGHTS = "head.safetensors"
 LM_DIR = "lm"
+DEMOS_DIR = "demos"
 
 
 def detect_kind(config: Any) -> str:
@@ -93,7 +94,27 @@ class PromptModel(nn.Module):
         self.pad_token_id = int(tokenizer.pad_token_id)
         # Inference goes through fsserve.kernels.label_logits (Triton on CUDA, its torch reference elsewhere).
         self.use_fused_head = True
+        self.demo_index: Any = None
+        self.demo_config = DemoConfig()
+        self.demo_prompt: Any = None
+        self.eval()  # like HF's from_pretrained: inference mode until a Trainer says otherwise
 
+    def attach_demos(self, index: Any, config: DemoConfig | None = None) -> None:
+        """Append one demonstration per class from this pool (a ``DemoIndex``) to every prompt; ``None`` removes them."""
+        if index is not None:
+            if self.method != "prompt":
+                raise ValueError("demonstrations go with the prompt method, not standard fine-tuning")
+            classes = [str(c) for c in index.classes]
+            expected = ["0", "1"] if self.prompt_config.is_regression else self.labels
+            if classes != expected:
+                raise ValueError(f"the demonstration pool's classes {classes} do not match the model's labels {expected}")
+            from fsserve.demo_prompts import DemoPrompt
+
+            self.demo_prompt = DemoPrompt(self.prompt)
+        else:
+            self.demo_prompt = None
+        self.demo_index = index
+        self.demo_config = config or self.demo_config
     # -- loading and saving ---------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -151,6 +172,10 @@ class PromptModel(nn.Module):
 
             state = load_file(str(path / HEAD_WEIGHTS))
             model.head.load_state_dict(state)
+        if meta.get("demos"):
+            from fsserve.demos import DemoIndex
+
+            model.attach_demos(DemoIndex.load(path / meta["demos"]["dir"]), DemoConfig.from_dict(meta["demos"]["config"]))
         model.source = meta.get("source")
         model.eval()
         return model
@@ -164,6 +189,8 @@ class PromptModel(nn.Module):
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_WEIGHTS))
+            if self.demo_index is not None:
+                self.demo_index.save(tmp / DEMOS_DIR)
             write_json_atomic(tmp / MODEL_CONFIG, self.metadata())
 
     def metadata(self) -> dict[str, Any]:
@@ -178,6 +205,7 @@ class PromptModel(nn.Module):
             "word_to_class": self.prompt.word_to_class,
             "model_type": self.lm.config.model_type,
             "source": getattr(self, "source", None),
+            "demos": None if self.demo_index is None else {"dir": DEMOS_DIR, "config": self.demo_config.to_dict()},
         }
 
     def export(self, directory: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
@@ -189,8 +217,18 @@ class PromptModel(nn.Module):
         return export_bundle(self, directory, format=format, **kwargs)
 
     # -- encoding -------------------------------------------------------------------------
-    def encode(self, examples: Sequence[Any]) -> list[Encoded]:
-        """Tokenize examples for this model's method (a prompt, or plain text for fine-tuning)."""
+    def encode(
+        self, examples: Sequence[Any], demo_mode: str | None = None, rng: Any = None, embeddings: Any = None
+    ) -> list[Encoded]:
+        """Tokenize examples for this model's method (a prompt, with demonstrations if attached, or plain text)."""
+        if self.method == "prompt" and self.demo_index is not None:
+            if not examples:
+                return []
+            mode = demo_mode or self.demo_config.eval_mode
+            chosen = self.demo_index.select(
+                examples, mode=mode, filter_rate=self.demo_config.filter_rate, rng=rng, embeddings=embeddings
+            )
+            return self.demo_prompt.encode(examples, self.demo_index.demos(chosen))
         if self.method == "prompt":
             return self.prompt.encode(examples)
         needed = self.prompt.template.num_sentences
@@ -261,6 +299,8 @@ class PromptModel(nn.Module):
     @torch.no_grad()
     def predict_logits(self, examples: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Label logits for many examples, batched by length to waste little padding."""
+        if self.demo_index is not None and self.demo_config.eval_mode != "top1" and self.demo_config.num_sample > 1:
+            return self._predict_logits_sampled(examples, batch_size)
         was_training = self.training
         self.eval()
         encoded = self.encode(examples)
@@ -273,6 +313,31 @@ class PromptModel(nn.Module):
             out[idx] = self(**batch).float().cpu()
         self.train(was_training)
         return out
+
+    def _predict_logits_sampled(self, examples: Sequence[Any], batch_size: int) -> torch.Tensor:
+        """LM-BFF's evaluation with demonstrations: average the label logits over ``num_sample`` draws."""
+        import numpy as np
+
+        from fsserve.demos import pair_text
+
+        cfg = self.demo_config
+        vectors = None
+        if cfg.eval_mode != "random":
+            vectors = self.demo_index.embed([pair_text(*_sentences(ex, 1)[:2]) for ex in examples])
+        rng = np.random.default_rng(0)
+        total = torch.zeros(len(examples), self.head_outputs)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        for _ in range(cfg.num_sample):
+            encoded = self.encode(examples, demo_mode=cfg.eval_mode, rng=rng, embeddings=vectors)
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
+                with torch.no_grad():
+                    total[start : start + len(chunk)] += self(**batch).float().cpu()
+        self.train(was_training)
+        return total / cfg.num_sample
 
     @property
     def head_outputs(self) -> int:

@@ -112,7 +112,14 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (args.max_steps - step) / max(1, args.max_steps - warmup))
         )
-        encoded = model.encode(self.train_examples)
+        demos = model.demo_index
+        encoded = model.encode(self.train_examples) if demos is None else None
+        vectors = None
+        if demos is not None and model.demo_config.train_mode != "random":
+            from fsserve.demos import pair_text
+
+            vectors = demos.embed([pair_text(ex.text, ex.text_b) for ex in self.train_examples])
+        demo_rng = np.random.default_rng(args.seed)
         targets = self._targets(self.train_examples)
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(args.seed)
@@ -125,9 +132,16 @@ class Trainer:
         model.train()
         for step in range(1, args.max_steps + 1):
             if len(order) < args.batch_size:
-                order.extend(torch.randperm(len(encoded), generator=generator).tolist())
+                order.extend(torch.randperm(len(self.train_examples), generator=generator).tolist())
             idx, order = order[: args.batch_size], order[args.batch_size :]
-            batch = {k: v.to(device) for k, v in model.collate([encoded[i] for i in idx]).items()}
+            if encoded is not None:
+                rows = [encoded[i] for i in idx]
+            else:  # fresh demonstrations for every example at every step (LM-BFF)
+                rows = model.encode(
+                    [self.train_examples[i] for i in idx], demo_mode=model.demo_config.train_mode, rng=demo_rng,
+                    embeddings=None if vectors is None else vectors[idx],
+                )
+            batch = {k: v.to(device) for k, v in model.collate(rows).items()}
             loss = self.loss(model(**batch), targets[idx].to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")

@@ -1,0 +1,105 @@
+"""Demonstrations wired into PromptModel, Trainer, save/load and Predictor (tiny LMs, real MiniLM encoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsserve.config import DemoConfig, PromptConfig, TrainingArguments
+from fsserve.data import Example
+from fsserve.demos import DemoIndex
+from fsserve.modeling import PromptModel
+from fsserve.predictor import Predictor
+from fsserve.training import Trainer
+
+POOL = [
+    Example("a warm and funny film", label="1"), Example("a superb, moving story", label="1"),
+    Example("lovely acting throughout", label="1"), Example("boring and far too long", label="0"),
+    Example("an awful, clumsy script", label="0"), Example("dreadful pacing and dull jokes", label="0"),
+]
+
+
+@pytest.fixture(scope="module")
+def pool_index() -> DemoIndex:
+    return DemoIndex(POOL, labels=["0", "1"])
+
+
+def _model(tiny_lm, arch: str = "bert") -> PromptModel:
+    lm, tok = tiny_lm(arch)
+    return PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=96))
+
+
+@pytest.mark.parametrize("arch", ("bert", "gemma"))
+def test_prompts_carry_one_demo_per_class_in_the_right_place(tiny_lm, pool_index: DemoIndex, arch: str) -> None:
+    model = _model(tiny_lm, arch)
+    model.attach_demos(pool_index, DemoConfig(eval_mode="top1"))
+    enc = model.encode(["a funny and warm movie"])[0]
+    text = model.tokenizer.decode(enc.input_ids)
+    assert "terrible" in text and "great" in text and "warm and funny" in text
+    query_at = text.index("movie")
+    demo_at = text.index("warm and funny")
+    assert (demo_at > query_at) if arch == "bert" else (demo_at < query_at)
+    assert 0 <= enc.answer_pos < len(enc.input_ids)
+
+
+def test_training_draws_fresh_demos_and_prediction_uses_top1(tiny_lm, pool_index: DemoIndex, monkeypatch) -> None:
+    model = _model(tiny_lm)
+    model.attach_demos(pool_index, DemoConfig(train_mode="similar"))
+    modes = []
+    real = pool_index.select
+    monkeypatch.setattr(pool_index, "select", lambda *a, **k: modes.append(k.get("mode")) or real(*a, **k))
+    Trainer(model, TrainingArguments(max_steps=3, batch_size=4, learning_rate=1e-3, progress=False), POOL).train()
+    assert modes.count("similar") == 3
+    model.predict(["what a lovely film"])
+    assert modes[-1] == "top1"
+
+
+def test_num_sample_averages_several_draws(tiny_lm, pool_index: DemoIndex) -> None:
+    model = _model(tiny_lm)
+    model.attach_demos(pool_index, DemoConfig(eval_mode="random", num_sample=4))
+    averaged = model.predict_logits(["a film"])
+    draws = []
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        batch = model.collate(model.encode(["a film"], demo_mode="random", rng=rng))
+        with torch.no_grad():
+            draws.append(model(**batch))
+    torch.testing.assert_close(averaged, torch.stack(draws).mean(0), atol=1e-5, rtol=0)
+
+
+def test_save_load_keeps_the_pool_and_predictions(tiny_lm, pool_index: DemoIndex, tmp_path: Path) -> None:
+    model = _model(tiny_lm)
+    model.attach_demos(pool_index)
+    texts = ["a lovely film", "so dull"]
+    before = model.predict_logits(texts)
+    model.save_pretrained(tmp_path / "m")
+    loaded = PromptModel.from_pretrained(tmp_path / "m")
+    assert loaded.demo_index is not None and len(loaded.demo_index) == len(POOL)
+    torch.testing.assert_close(loaded.predict_logits(texts), before, atol=0, rtol=0)
+    predictor = Predictor.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(torch.from_numpy(predictor.label_logits(texts)), before, atol=1e-6, rtol=0)
+
+
+def test_added_demonstrations_are_visible_to_the_next_prediction(tiny_lm) -> None:
+    index = DemoIndex(POOL, labels=["0", "1"])
+    model = _model(tiny_lm)
+    model.attach_demos(index)
+    query = "the soundtrack was gorgeous"
+    assert "gorgeous soundtrack" not in model.tokenizer.decode(model.encode([query])[0].input_ids)
+    index.add(["a gorgeous soundtrack and score"], ["1"])
+    assert "gorgeous soundtrack" in model.tokenizer.decode(model.encode([query])[0].input_ids)
+
+
+def test_pool_classes_must_match_and_finetune_refuses_demos(tiny_lm, pool_index: DemoIndex) -> None:
+    lm, tok = tiny_lm("bert")
+    other = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"neg": "terrible", "pos": "great"}))
+    with pytest.raises(ValueError, match="classes"):
+        other.attach_demos(pool_index)
+    lm, tok = tiny_lm("bert")
+    ft = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}), method="finetune")
+    with pytest.raises(ValueError, match="prompt method"):
+        ft.attach_demos(pool_index)
