@@ -45,6 +45,12 @@ def _add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--train-seed", type=int, help="training seed (default: --seed)")
     g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
+    g = p.add_argument_group("demonstrations (LM-BFF: one labelled example per class in every prompt)")
+    g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
+    g.add_argument("--demo-eval", default="top1", choices=["top1", "similar", "random"], help="how evaluation/prediction picks them")
+    g.add_argument("--num-sample", type=int, default=1, help="evaluation draws to average (LM-BFF: 16; ignored for top1)")
+    g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' samples from this top fraction")
+    g.add_argument("--demo-encoder", help="sentence-transformers model for similarity (default: all-MiniLM-L6-v2)")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -137,7 +143,15 @@ def _build_and_train(args: argparse.Namespace, task: Any, data: Path) -> tuple[A
     metric = task.metric if task is not None else "acc"
     set_seed(targs.seed)
     model = PromptModel.from_pretrained(args.model, prompt=prompt, method=args.method)
-    train, dev = _load_train_dev(args, task, data) if targs.max_steps > 0 else ([], [])
+    use_demos = args.demos != "none"
+    train, dev = _load_train_dev(args, task, data) if targs.max_steps > 0 or use_demos else ([], [])
+    if use_demos:
+        from fsserve.config import DemoConfig
+        from fsserve.demos import DemoIndex
+
+        index = DemoIndex(train, labels=None if prompt.is_regression else model.labels, task=task, encoder=args.demo_encoder)
+        config = DemoConfig(train_mode=args.demos, eval_mode=args.demo_eval, num_sample=args.num_sample, filter_rate=args.filter_rate)
+        model.attach_demos(index, config)
     result = Trainer(model, targs, train, dev, metric=metric).train()
     return model, result, metric
 
