@@ -74,7 +74,9 @@ def shape_grid(model: Any, batch_sizes: Sequence[int] = BATCH_SIZES, lengths: Se
     if lengths is None:
         lengths = sorted({5, min(13, max_len), min(37, max_len), max_len})
     vocab = int(model.lm.get_input_embeddings().num_embeddings)
+    per_example = int(getattr(model, "rows_per_example", 1))  # a prompt ensemble reads P rows per example
     for size in batch_sizes:
+        size *= per_example
         for width in lengths:
             for side in ("right", "left"):
                 rows = rng.integers(min(5, width), width + 1, size=size)
@@ -120,7 +122,8 @@ def export_graph(model: Any, path: str | Path, opset: int = OPSET) -> list[str]:
     # An odd width with uneven rows, longer than tiny sliding windows, so no shape coincides with a constant.
     rng = np.random.default_rng(1)
     width = min(int(model.prompt_config.max_length), 19)
-    example = _random_batch(model, rng, np.array([width, max(5, width - 7)]), width, "right", 100)
+    rows = np.repeat([width, max(5, width - 7)], int(getattr(model, "rows_per_example", 1)))
+    example = _random_batch(model, rng, rows, width, "right", 100)
     device = next(model.parameters()).device
     args = tuple(torch.as_tensor(example[name], device=device) for name in graph.input_names)
     axes = {name: {0: "batch_size", 1: "sequence_length"} for name in graph.input_names if name != "answer_pos"}
