@@ -249,6 +249,10 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
 
     root = Path(path)
     config = read_bundle_config(root)
+    if config.get("ensemble"):  # several prompts in one graph: fsserve.ensemble_predictor encodes each text once per prompt
+        from fsserve.ensemble_predictor import load_ensemble_predictor
+
+        return load_ensemble_predictor(root, config, backend=backend, device=device, batch_size=batch_size, **kwargs)
     if backend == "torch":
         if not config["manifest"].get("torch"):
             raise BundleError(f"{root} carries no torch weights: export it with torch_weights=True to load it with backend='torch'")
