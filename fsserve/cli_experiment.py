@@ -1,0 +1,126 @@
+"""``fsserve experiment``: run (or resume) the LM-BFF evaluation protocol and write its table and plot.
+
+Wired into fsserve/cli.py with ``add_experiment_parser(subparsers)``; the handler is the
+subparser's ``func`` default. This module prints (it is the CLI); the library only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fsserve.cli")
+
+
+def _floats(text: str) -> list[float]:
+    """Parse a comma-separated grid of numbers (``1e-5,2e-5``)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    """Parse a comma-separated list of integers (``13,21,42``)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``experiment`` command on the main CLI's subparsers and return its parser."""
+    p = subparsers.add_parser(
+        "experiment",
+        help="run the LM-BFF protocol over tasks × methods × seeds (cached, resumable)",
+        description="Train on each <data>/<task>/<k>-<seed>/train, pick the checkpoint and grid setting by dev, score test; "
+                    "report mean (std) over seeds as a markdown table, JSON and a plot. Defaults are LM-BFF's.",
+    )
+    p.add_argument("--tasks", required=True, help="comma-separated, e.g. SST-2,sst-5,trec,RTE,CoLA,STS-B")
+    p.add_argument("--methods", default="zero-shot,in-context,finetune,prompt,prompt-demo,prompt-demo-similar",
+                   help="comma-separated subset of zero-shot, in-context, finetune, prompt, prompt-demo, prompt-demo-similar")
+    p.add_argument("--seeds", type=_ints, default=[13, 21, 42, 87, 100], help="k-shot split seeds (default: LM-BFF's five)")
+    p.add_argument("--data", help="k-shot root folder (default: ../shared/data/k-shot)")
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--model", default="embedded", help="HF name or folder of an encoder MLM or decoder LM")
+    p.add_argument("--out", default="experiments", help="folder for the cell cache, results.{json,md,png}")
+    g = p.add_argument_group("budget (defaults: LM-BFF's)")
+    g.add_argument("--max-steps", type=int, default=1000)
+    g.add_argument("--eval-steps", type=int, default=100)
+    g.add_argument("--max-test", type=int, help="evaluate on the first N test examples only (default: all)")
+    g = p.add_argument_group("optimisation (comma-separated values form a grid; each seed keeps its best-on-dev setting)")
+    g.add_argument("--lr", type=_floats, default=[1e-5], help="learning-rate grid (LM-BFF: 1e-5,2e-5,5e-5)")
+    g.add_argument("--finetune-lr", type=_floats, help="learning-rate grid for standard fine-tuning (default: --lr)")
+    g.add_argument("--batch-size", type=_ints, default=[8], help="batch-size grid (LM-BFF: 2,4,8)")
+    g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
+    g.add_argument("--max-length", type=int, default=128, help="prompt length without demonstrations")
+    g.add_argument("--eval-batch-size", type=int, default=16)
+    g = p.add_argument_group("demonstrations and in-context")
+    g.add_argument("--num-sample", type=int, default=16, help="demonstration draws averaged at evaluation (LM-BFF: 16)")
+    g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' draws from this top fraction")
+    g.add_argument("--demo-max-length", type=int, default=256, help="prompt length with demonstrations")
+    g.add_argument("--demo-encoder", help="sentence-transformers model (default: all-MiniLM-L6-v2)")
+    g.add_argument("--context-length", type=int, default=512, help="in-context: tokens the context and query may fill")
+    g.add_argument("--context-examples", type=int, default=32, help="in-context: at most this many examples (LM-BFF: 32)")
+    p.set_defaults(func=run_experiment_command)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build the ExperimentConfig from parsed arguments."""
+    from fsserve.data import default_data_dir
+    from fsserve.experiment import ExperimentConfig
+
+    return ExperimentConfig(
+        tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_dir=str(args.data or default_data_dir() / "k-shot"),
+        out_dir=args.out, model=args.model, k=args.k, max_steps=args.max_steps, eval_steps=args.eval_steps,
+        max_test=args.max_test, learning_rates=args.lr, finetune_learning_rates=args.finetune_lr, batch_sizes=args.batch_size,
+        freeze_embeddings=args.freeze_embeddings, max_length=args.max_length, demo_max_length=args.demo_max_length,
+        context_length=args.context_length, context_examples=args.context_examples, num_sample=args.num_sample,
+        filter_rate=args.filter_rate, demo_encoder=args.demo_encoder, eval_batch_size=args.eval_batch_size,
+    )
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Run the protocol, printing one line per cell, then the table and where the reports are."""
+    from fsserve.experiment import iter_cells, run_experiment
+
+    config = config_from_args(args)
+    total = sum(1 for _ in iter_cells(config))
+    done = 0
+
+    def progress(cell: Any, record: dict[str, Any], cached: bool) -> None:
+        nonlocal done
+        done += 1
+        dev = "" if record.get("dev") is None else f" dev {100 * record['dev']:.1f}"
+        grid = f" lr {cell.learning_rate:g} bs {cell.batch_size}" if cell.batch_size else ""
+        how = "cached" if cached else f"{record.get('seconds', 0):.0f}s"
+        print(f"[{done}/{total}] {cell.task} {cell.method} seed {cell.seed}{grid}:{dev} test {100 * record['test']:.1f} "
+              f"({record['metric']}, n={record['n_test']}) [{how}]", flush=True)
+
+    report = run_experiment(config, on_cell=progress)
+    print()
+    print(report["table"], end="")
+    out = Path(config.out_dir)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``experiment`` on its own (``python -m fsserve.cli_experiment``) until the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="fsserve")
+    add_experiment_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ValueError as exc:
+        print(f"fsserve experiment: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

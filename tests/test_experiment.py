@@ -1,0 +1,217 @@
+"""The LM-BFF protocol (fsserve.experiment): end to end on a tiny Gemma, resume, grid selection, metrics, in-context."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fsserve.baselines import InContextPrompt
+from fsserve.cli_experiment import add_experiment_parser, config_from_args, main
+from fsserve.config import PromptConfig
+from fsserve.data import Example, compute_metric
+from fsserve.experiment import Cell, ExperimentConfig, cache_path, cell_settings, iter_cells, run_cell, run_experiment
+from fsserve.experiment_report import markdown_table, summarize
+from fsserve.modeling import PromptModel
+
+POS = ["a warm and funny film", "a superb, moving story", "lovely acting throughout", "a gem of a movie", "pure joy"]
+NEG = ["boring and far too long", "an awful, clumsy script", "dreadful pacing", "a dull mess", "tedious and flat"]
+
+
+def _write_kshot(root: Path, k: int = 2, seeds: tuple[int, ...] = (13, 21)) -> Path:
+    """A tiny k-shot tree in LM-BFF's layout for SST-2 (tsv, one sentence) and RTE (tsv, pairs)."""
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        sst = root / "SST-2" / f"{k}-{seed}"
+        rte = root / "RTE" / f"{k}-{seed}"
+        sst.mkdir(parents=True)
+        rte.mkdir(parents=True)
+        for split, n in (("train", k), ("dev", k), ("test", 4)):
+            pos, neg = rng.permutation(POS)[:n], rng.permutation(NEG)[:n]
+            rows = [f"{s}\t1" for s in pos] + [f"{s}\t0" for s in neg]
+            (sst / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+            pairs = [f"{i}\t{p}.\t{p} indeed.\tentailment" for i, p in enumerate(pos)]
+            pairs += [f"{i + n}\t{p}.\tit is not {q}.\tnot_entailment" for i, (p, q) in enumerate(zip(neg, pos))]
+            (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(pairs) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def kshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_kshot(tmp_path_factory.mktemp("kshot"))
+
+
+def _config(kshot: Path, out: Path, model: Path, **kw) -> ExperimentConfig:
+    base = dict(tasks=["SST-2", "RTE"], methods=["prompt", "finetune"], seeds=[13, 21], data_dir=str(kshot),
+                out_dir=str(out), model=str(model), k=2, max_steps=2, eval_steps=2, learning_rates=[1e-3],
+                batch_sizes=[2], max_length=64, eval_batch_size=8)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_protocol_end_to_end_resumes_after_an_interruption(tiny_lm, kshot: Path, tmp_path: Path) -> None:
+    config = _config(kshot, tmp_path / "run", "tiny-gemma")
+    gemma = tiny_lm("gemma")  # loaded once; every cell trains its own deep copy
+    calls: list[Cell] = []
+
+    def dies_on_the_third_cell(cfg: ExperimentConfig, cell: Cell) -> dict:
+        if len(calls) == 2:
+            raise _Interrupt("killed")
+        calls.append(cell)
+        return run_cell(cfg, cell, pretrained=gemma)
+
+    with pytest.raises(_Interrupt):
+        run_experiment(config, runner=dies_on_the_third_cell)
+    cells = sorted((tmp_path / "run" / "cells").rglob("*.json"))
+    assert len(cells) == 2 and not (tmp_path / "run" / "results.json").exists()
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # nothing half-written
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells}
+
+    resumed: list[Cell] = []
+    report = run_experiment(config, runner=lambda cfg, cell: resumed.append(cell) or run_cell(cfg, cell, pretrained=gemma))
+    everything = list(iter_cells(config))
+    assert len(everything) == 8 and resumed == everything[2:]  # finished cells are not run again
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells} == before
+
+    rows = {(r["task"], r["method"]): r for r in report["summary"]}
+    assert set(rows) == {(t, m) for t in ("SST-2", "RTE") for m in ("prompt", "finetune")}
+    for row in rows.values():
+        per_seed = [c["test"] for c in report["cells"] if (c["settings"]["task"], c["settings"]["method"]) == (row["task"], row["method"])]
+        assert row["n_seeds"] == 2 and row["seeds"] == [13, 21]
+        assert row["mean"] == pytest.approx(np.mean(per_seed)) and row["std"] == pytest.approx(np.std(per_seed))
+    for c in report["cells"]:
+        assert 0.0 <= c["test"] <= 1.0 and c["n_test"] == 8 and c["best_step"] == 2
+    out = tmp_path / "run"
+    assert json.loads((out / "results.json").read_text())["config"]["max_steps"] == 2
+    md = (out / "results.md").read_text()
+    assert "| prompt |" in md and "SST-2 (acc)" in md and "RTE (acc)" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again: list[Cell] = []
+    run_experiment(config, runner=lambda cfg, cell: again.append(cell) or {})
+    assert again == []  # a finished run computes nothing
+
+
+def test_a_changed_setting_is_a_new_cell_and_the_grid_keeps_the_best_dev(kshot: Path, tmp_path: Path) -> None:
+    def fake(cfg: ExperimentConfig, cell: Cell) -> dict:
+        # dev prefers the larger learning rate on seed 13 and the smaller one on seed 21; test says which won
+        dev = cell.learning_rate if cell.seed == 13 else -cell.learning_rate
+        return {"metric": "acc", "n_test": 4, "dev": dev, "test": 0.5 + 100 * dev, "best_step": 1}
+
+    config = _config(kshot, tmp_path, "tiny", tasks=["SST-2"], methods=["prompt"], learning_rates=[1e-3, 2e-3])
+    report = run_experiment(config, runner=fake)
+    (row,) = report["summary"]
+    assert sorted(row["scores"]) == pytest.approx([0.5 - 0.1, 0.5 + 0.2])
+    assert {c["seed"]: c["learning_rate"] for c in row["chosen"]} == {13: 2e-3, 21: 1e-3}
+
+    calls: list[Cell] = []
+    run_experiment(_config(kshot, tmp_path, "tiny", tasks=["SST-2"], methods=["prompt"], learning_rates=[1e-3, 2e-3], max_steps=3),
+                   runner=lambda cfg, cell: calls.append(cell) or fake(cfg, cell))
+    assert len(calls) == 4  # max_steps is part of the cache key
+    a = cell_settings(config, Cell("SST-2", "prompt", 13, 1e-3, 2))
+    assert cache_path(config, a) != cache_path(config, cell_settings(config, Cell("SST-2", "prompt", 13, 2e-3, 2)))
+
+
+def test_untrained_methods_and_similar_demos_run_through_the_protocol(tiny_lm, kshot: Path, tmp_path: Path) -> None:
+    config = _config(kshot, tmp_path, "tiny-gemma", tasks=["RTE"], seeds=[13], max_steps=1,
+                     methods=["zero-shot", "in-context", "prompt-demo-similar"], num_sample=2, demo_max_length=128,
+                     context_length=200)
+    gemma = tiny_lm("gemma")
+    records = {c["settings"]["method"]: c for c in run_experiment(config, lambda cfg, cell: run_cell(cfg, cell, pretrained=gemma))["cells"]}
+    assert records["zero-shot"]["best_step"] is None and records["zero-shot"]["dev"] is not None
+    assert records["in-context"]["context_examples"]["max"] >= 1
+    assert records["prompt-demo-similar"]["settings"]["num_sample"] == 2
+    assert records["prompt-demo-similar"]["settings"]["demo_mode"] == "similar"
+    assert all(0.0 <= r["test"] <= 1.0 for r in records.values())
+
+
+@pytest.mark.parametrize("arch", ("bert", "gemma"))
+def test_in_context_fills_the_length_with_whole_labelled_examples_before_the_query(tiny_lm, arch: str) -> None:
+    lm, tok = tiny_lm(arch)
+    model = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=60))
+    pool = [Example(t, label="1") for t in POS] + [Example(t, label="0") for t in NEG]
+    icl = InContextPrompt(model.prompt, pool, seed=13)
+    enc, n = icl.encode_one("what a lovely film", position=0)
+    text = tok.decode(enc.input_ids)
+    assert 1 <= n < len(pool) and len(enc.input_ids) < 60
+    more = icl._encode_with("what a lovely film", icl.order_for(0)[: n + 1])
+    assert len(more.input_ids) >= 60  # one more example would not fit whole
+    shown = [pool[i] for i in icl.order_for(0)[:n]]
+    for ex in shown:
+        assert ex.text in text
+    assert text.count("terrible") == sum(ex.label == "0" for ex in shown)
+    assert text.count("great") == sum(ex.label == "1" for ex in shown)
+    assert text.rindex("what a lovely film") > max(text.index(ex.text) for ex in shown)
+    assert 0 <= enc.answer_pos < len(enc.input_ids)
+    if arch == "gemma":
+        assert enc.answer_pos == len(enc.input_ids) - 1
+    else:
+        assert enc.input_ids[enc.answer_pos] == tok.mask_token_id
+    assert icl.encode_one("what a lovely film", position=1)[0].input_ids != enc.input_ids  # each query its own draw
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    ref = ["1", "1", "1", "0", "0", "0", "1", "0"]
+    pred = ["1", "1", "0", "0", "0", "1", "1", "0"]
+    # tp=3 fn=1 fp=1 tn=3
+    assert compute_metric("acc", pred, ref) == pytest.approx(6 / 8)
+    assert compute_metric("f1", pred, ref) == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    assert compute_metric("mcc", pred, ref) == pytest.approx((3 * 3 - 1 * 1) / math.sqrt(4 * 4 * 4 * 4))
+    assert compute_metric("mcc", ["1", "1", "0", "0"], ["0", "0", "1", "1"]) == pytest.approx(-1.0)
+    assert compute_metric("f1", ["0", "0"], ["0", "0"]) == 0.0
+    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 5.0]
+    # means 2.5, 2.75; cov sum = -1.5*-1.75 + -.5*.25 + .5*-.75 + 1.5*2.25 = 5.5; sx^2 = 5, sy^2 = 8.75
+    assert compute_metric("pearson", x, y) == pytest.approx(5.5 / math.sqrt(5 * 8.75))
+    assert compute_metric("pearson", [2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+
+
+def test_summary_table_marks_missing_seeds() -> None:
+    rec = lambda seed, test: {"settings": {"task": "CoLA", "method": "prompt", "seed": seed}, "metric": "mcc", "dev": 0.1, "test": test}
+    rows = summarize([rec(13, 0.2), rec(21, 0.4)])
+    assert rows[0]["mean"] == pytest.approx(0.3) and rows[0]["std"] == pytest.approx(0.1)
+    table = markdown_table(rows, ["CoLA", "STS-B"], ["prompt", "finetune"], n_seeds=3)
+    assert "| prompt | 30.0 (10.0) [2/3 seeds] | – |" in table and "CoLA (MCC)" in table and "| finetune | – | – |" in table
+
+
+def test_bad_configs_name_the_problem(kshot: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        _config(kshot, tmp_path, "m", methods=["prompt", "gpt3"])
+    with pytest.raises(ValueError, match="unknown task"):
+        _config(kshot, tmp_path, "m", tasks=["SST-3"])
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        _config(kshot, tmp_path, "m", seeds=[])
+    with pytest.raises(ValueError, match="max_test"):
+        _config(kshot, tmp_path, "m", max_test=0)
+    with pytest.raises(ValueError, match="missing k-shot file"):
+        run_experiment(_config(kshot, tmp_path, "m", seeds=[87]), runner=lambda cfg, cell: {})
+
+
+def test_cli_parses_grids_and_runs_an_experiment(kshot: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["experiment", "--tasks", "SST-2,RTE", "--methods", "prompt,finetune", "--seeds", "13,21",
+                              "--data", str(kshot), "--lr", "1e-5,2e-5", "--finetune-lr", "1e-4", "--batch-size", "4,8",
+                              "--max-steps", "30", "--max-test", "100", "--num-sample", "4"])
+    config = config_from_args(args)
+    assert config.grid("prompt") == [(1e-5, 4), (1e-5, 8), (2e-5, 4), (2e-5, 8)] and config.grid("finetune") == [(1e-4, 4), (1e-4, 8)]
+    assert (config.max_steps, config.eval_steps, config.max_test, config.num_sample) == (30, 100, 100, 4)
+    import fsserve.experiment
+
+    seen: list[ExperimentConfig] = []
+    monkeypatch.setattr(fsserve.experiment, "run_cell", lambda cfg, cell: seen.append(cfg) or
+                        {"metric": "acc", "n_test": 8, "dev": None, "best_step": None, "test": 0.625})
+    code = main(["experiment", "--tasks", "SST-2", "--methods", "zero-shot", "--seeds", "13", "--k", "2", "--data", str(kshot),
+                 "--model", "some-lm", "--out", str(tmp_path / "cli"), "--max-length", "64"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[1/1] SST-2 zero-shot seed 13: test 62.5 (acc, n=8)" in out and "| zero-shot | 62.5 (0.0) |" in out
+    assert seen[0].model == "some-lm" and seen[0].max_length == 64 and (tmp_path / "cli" / "results.png").is_file()
+    assert main(["experiment", "--tasks", "SST-2", "--seeds", "5", "--data", str(kshot), "--out", str(tmp_path / "x")]) == 2
