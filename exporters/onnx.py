@@ -192,8 +192,19 @@ def optimize_graph(path: str | Path, model: Any) -> dict[str, Any]:
     return {"fusions": stats, "model_type": family}
 
 
+def default_int8_mode(model: Any) -> str:
+    """Pick the int8 scheme that held agreement: weight-only for decoders, dynamic for encoders.
+
+    Measured on the embedded Gemma 3 270M fine-tuned on SST-2 (872 dev sentences, batches of 32
+    sorted by length): dynamic QInt8 agreed with fp32 on 94.6% right-padded and 83.9% left-padded
+    (logit gaps up to 15), because Gemma's activation outliers inflate the per-tensor activation
+    scale; int8 weights with float activations (MatMulNBits, 8 bits) do not have that problem.
+    """
+    return "weight-only" if model.kind == "causal" else "dynamic"
+
+
 def quantize_int8(source: str | Path, target: str | Path, mode: str = "dynamic", per_channel: bool = False, exclude_op_types: Sequence[str] = ()) -> dict[str, Any]:
-    """Write an int8 graph: ``dynamic`` (QInt8 weights, activations quantised at run time) or ``weight-only``."""
+    """Write an int8 graph: ``dynamic`` (QInt8 weights, activations quantised at run time) or ``weight-only`` (int8 weights, float activations)."""
     if mode == "dynamic":
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic

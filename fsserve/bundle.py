@@ -178,7 +178,7 @@ def write_bundle(
     optimize: bool = True,
     validate: bool = True,
     validation_texts: Sequence[Any] | None = None,
-    int8_mode: str = "dynamic",
+    int8_mode: str = "auto",
     per_channel: bool = False,
     exclude_op_types: Sequence[str] = (),
     torch_weights: bool = True,
@@ -204,14 +204,16 @@ def write_bundle(
         graph = tmp / ox.GRAPH_FILE
         if quantize or fp16:
             if quantize:
-                info["quantization"] = ox.quantize_int8(fp32, graph, int8_mode, per_channel, exclude_op_types)
+                mode = ox.default_int8_mode(model) if int8_mode == "auto" else int8_mode
+                info["quantization"] = ox.quantize_int8(fp32, graph, mode, per_channel, exclude_op_types)
             else:
                 ox.convert_fp16(fp32, graph)
             if validation_texts is not None:
                 batches = ox.text_batches(model, validation_texts)
             else:
                 batches = [case.batch for case in ox.shape_grid(model) if "right" in case.label]
-            info["agreement_with_fp32"] = ox.agreement(fp32, graph, batches)
+            measured_on = f"{len(validation_texts)} validation texts" if validation_texts is not None else "random right-padded shape grid"
+            info["agreement_with_fp32"] = ox.agreement(fp32, graph, batches) | {"on": measured_on}
             logger.info("%s agreement with fp32: %s", quantize or "fp16", info["agreement_with_fp32"])
         else:
             os.replace(fp32, graph)

@@ -27,7 +27,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a folder written by `fsserve train` / PromptModel.save_pretrained")
     p.add_argument("out_dir", help="the bundle folder to write (replaced atomically if it exists)")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation, for CPU serving")
-    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only"], help="how int8 is applied (default: dynamic)")
+    p.add_argument("--int8-mode", default="auto", choices=["auto", "dynamic", "weight-only"], help="auto: weight-only for decoders, dynamic for encoders")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--fp16", action="store_true", help="half-precision graph, for GPU serving")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
