@@ -154,9 +154,19 @@ def cell_settings(config: ExperimentConfig, cell: Cell) -> dict[str, Any]:
         settings.update(max_steps=config.max_steps, eval_steps=config.eval_steps, learning_rate=cell.learning_rate,
                         batch_size=cell.batch_size, freeze_embeddings=config.freeze_embeddings)
     if demo:
-        settings.update(demo_mode=DEMO_MODES[cell.method], num_sample=config.num_sample,
+        settings.update(demo_mode=DEMO_MODES[cell.method], demo_eval_mode=demo_eval_mode(config, cell.method), num_sample=config.num_sample,
                         filter_rate=config.filter_rate, demo_encoder=config.demo_encoder)
     return settings
+
+
+def demo_eval_mode(config: ExperimentConfig, method: str) -> str:
+    """How evaluation draws demonstrations: LM-BFF averages ``num_sample`` draws; one draw of similar ones is top1.
+
+    A single sampled draw would make every evaluation a different random draw, so with ``num_sample=1``
+    the similar method takes each class's most similar example instead (deterministic).
+    """
+    mode = DEMO_MODES[method]
+    return "top1" if mode == "similar" and config.num_sample == 1 else mode
 
 
 def cache_path(config: ExperimentConfig, settings: dict[str, Any]) -> Path:
@@ -207,18 +217,18 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
     else:
         from fsserve.modeling import detect_kind
 
-        lm, tokenizer = pretrained
+        lm, tokenizer = copy.deepcopy(pretrained[0]), pretrained[1]
         kind = detect_kind(lm.config)
         prompt = _prompt_config(config, task, cell.method, kind)
     set_seed(cell.seed)
-    # A fresh copy of the pretrained weights per cell: no cell sees another's training.
-    model = PromptModel(copy.deepcopy(lm), tokenizer, prompt, method="finetune" if cell.method == "finetune" else "prompt", kind=kind)
+    # Fresh pretrained weights per cell: no cell sees another's training.
+    model = PromptModel(lm, tokenizer, prompt, method="finetune" if cell.method == "finetune" else "prompt", kind=kind)
     if cell.method in DEMO_MODES:
         from fsserve.demos import DemoIndex
 
-        mode = DEMO_MODES[cell.method]
+        mode, eval_mode = DEMO_MODES[cell.method], demo_eval_mode(config, cell.method)
         index = DemoIndex(train, labels=None if task.is_regression else list(task.labels), task=task, encoder=config.demo_encoder)
-        model.attach_demos(index, DemoConfig(train_mode=mode, eval_mode=mode, num_sample=config.num_sample,
+        model.attach_demos(index, DemoConfig(train_mode=mode, eval_mode=eval_mode, num_sample=config.num_sample,
                                              filter_rate=config.filter_rate, encoder=config.demo_encoder))
     record: dict[str, Any] = {"metric": task.metric, "n_test": len(test), "dev": None, "best_step": None}
     if cell.method in TRAINED:
@@ -263,18 +273,26 @@ def _model_kind(name: str) -> str:
     return detect_kind(AutoConfig.from_pretrained(resolve_model_path(name)))
 
 
-_PRETRAINED: dict[str, tuple[Any, Any]] = {}
+_TOKENIZERS: dict[str, Any] = {}
 
 
 def _pretrained(name: str, prompt: PromptConfig) -> tuple[Any, Any]:
-    """Load the pretrained LM and tokenizer once per process; every cell trains a deep copy of the weights."""
-    if name not in _PRETRAINED:
-        from fsserve.modeling import PromptModel
+    """Fresh pretrained weights for one cell, with the tokenizer loaded once per process (the slow part)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from fsserve.embedded import resolve_model_path
+    from fsserve.modeling import PromptModel, detect_kind
+
+    if name not in _TOKENIZERS:
         loaded = PromptModel.from_pretrained(name, prompt=prompt)
-        _PRETRAINED.clear()  # one model at a time: an LM can be large
-        _PRETRAINED[name] = (loaded.lm, loaded.tokenizer)
-    return _PRETRAINED[name]
+        _TOKENIZERS.clear()
+        _TOKENIZERS[name] = loaded.tokenizer
+        return loaded.lm, loaded.tokenizer
+    # Reloading (from the page cache) rather than deep-copying a kept pristine copy holds one LM in memory, not two.
+    source = resolve_model_path(name)
+    auto = AutoModelForMaskedLM if detect_kind(AutoConfig.from_pretrained(source)) == "mlm" else AutoModelForCausalLM
+    return auto.from_pretrained(source, dtype=torch.float32), _TOKENIZERS[name]
 
 
 Runner = Callable[[ExperimentConfig, Cell], dict[str, Any]]

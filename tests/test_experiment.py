@@ -13,7 +13,9 @@ from fsserve.baselines import InContextPrompt
 from fsserve.cli_experiment import add_experiment_parser, config_from_args, main
 from fsserve.config import PromptConfig
 from fsserve.data import Example, compute_metric
-from fsserve.experiment import Cell, ExperimentConfig, cache_path, cell_settings, iter_cells, run_cell, run_experiment
+from fsserve.experiment import (
+    Cell, ExperimentConfig, cache_path, cell_settings, demo_eval_mode, iter_cells, run_cell, run_experiment,
+)
 from fsserve.experiment_report import markdown_table, summarize
 from fsserve.modeling import PromptModel
 
@@ -115,6 +117,10 @@ def test_a_changed_setting_is_a_new_cell_and_the_grid_keeps_the_best_dev(kshot: 
     run_experiment(_config(kshot, tmp_path, "tiny", tasks=["SST-2"], methods=["prompt"], learning_rates=[1e-3, 2e-3], max_steps=3),
                    runner=lambda cfg, cell: calls.append(cell) or fake(cfg, cell))
     assert len(calls) == 4  # max_steps is part of the cache key
+    one = _config(kshot, tmp_path, "tiny", num_sample=1)
+    assert demo_eval_mode(one, "prompt-demo-similar") == "top1" and demo_eval_mode(config, "prompt-demo-similar") == "similar"
+    assert demo_eval_mode(one, "prompt-demo") == "random"
+    assert cell_settings(one, Cell("SST-2", "prompt-demo-similar", 13, 1e-3, 2))["demo_eval_mode"] == "top1"
     a = cell_settings(config, Cell("SST-2", "prompt", 13, 1e-3, 2))
     assert cache_path(config, a) != cache_path(config, cell_settings(config, Cell("SST-2", "prompt", 13, 2e-3, 2)))
 
