@@ -75,6 +75,7 @@ class OnnxBackend:
         io_binding: bool | None = None,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = False,
+        session_config: dict[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -91,6 +92,9 @@ class OnnxBackend:
             options.intra_op_num_threads = int(intra_op_num_threads)
         if inter_op_num_threads is not None:
             options.inter_op_num_threads = int(inter_op_num_threads)
+        # e.g. {"session.intra_op.allow_spinning": "0"}: on a shared CPU, spinning threads starve each other.
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(str(key), str(value))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
