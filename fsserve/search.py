@@ -33,6 +33,7 @@ from fsserve.prompts import Prompt, Template
 logger = logging.getLogger(__name__)
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
+_CONTROL = re.compile(r"<[^<>\s]+>|\[[A-Z_]+\]")  # <start_of_image>, <unused3>, <0x0A>, [CLS]: never template text
 DEFAULT_T5_FORMS = {1: ("{sent_0} <extra_id_0> {mask} <extra_id_1>",), 2: ("{sent-_0} <extra_id_0> {mask} <extra_id_1> {+sentl_1}",)}
 DEFAULT_DECODER_FORMS = {1: "{sent_0} <extra_id_0> {mask}", 2: "{sent-_0}?{+sentl_1} <extra_id_0> {mask}"}
 
@@ -271,11 +272,11 @@ def _expand(beams: list[tuple[list[int], float]], step: torch.Tensor, allowed: t
 
 
 def _banned_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
-    """Tokens a template may not contain: special tokens, sentinels, newlines, braces and ``*``."""
+    """Tokens a template may not contain: special and control tokens, sentinels, newlines, braces and ``*``."""
     tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
     banned = torch.ones(vocab_size, dtype=torch.bool)
     for i, tok in enumerate(tokens):
-        banned[i] = tok is None or bool(_SENTINEL.search(tok)) or any(ch in tok for ch in "\n\r\t{}*") or tok.startswith("<0x")
+        banned[i] = tok is None or bool(_SENTINEL.search(tok) or _CONTROL.fullmatch(tok)) or any(ch in tok for ch in "\n\r\t{}*")
     banned[list(set(getattr(tokenizer, "all_special_ids", [])))] = True
     return banned
 

@@ -124,6 +124,14 @@ def test_decoder_template_search_scores_the_label_word_after_the_span(tiny_lm: A
     assert [c.score for c in doubled] == pytest.approx([2 * c.score for c in found], rel=1e-4)
 
 
+def test_template_text_never_holds_control_or_sentinel_tokens(gemma_tokenizer: Any, tiny_lm: Any) -> None:
+    banned = search._banned_tokens(gemma_tokenizer, len(gemma_tokenizer))
+    ids = gemma_tokenizer.convert_tokens_to_ids(["<start_of_image>", "<unused3>", "<0x0A>", "<eos>", "▁It", "▁was"])
+    assert banned[ids].tolist() == [True, True, True, True, False, False]
+    _, minilm = tiny_lm("bert")
+    assert bool(search._banned_tokens(minilm, len(minilm))[minilm.cls_token_id])
+
+
 def test_decoder_template_search_refuses_encoders_and_bad_forms(tiny_lm: Any) -> None:
     with pytest.raises(ValueError, match="decoder LM"):
         search.decoder_templates(_model(tiny_lm, "bert", 2), _examples(2))
