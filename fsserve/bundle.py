@@ -193,6 +193,8 @@ def write_bundle(
     if quantize and fp16:
         raise ValueError("choose one of quantize='int8' (CPU) and fp16=True (GPU), not both")
     directory = Path(directory)
+    if demos is None:
+        demos = getattr(model, "demo_index", None)  # a model trained with demonstrations ships its pool
     info: dict[str, Any] = {"model_name": str(getattr(model, "source", None) or model.lm.config.model_type), "target": target, "opset": ox.OPSET}
     with atomic_directory(directory) as tmp, tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.work.") as work_dir:
         work = Path(work_dir)
@@ -273,7 +275,14 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
     if prompt.label_word_ids != config["label_word_ids"]:
         raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
     runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
-    return Predictor(runner, prompt.encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range, prompt.template.num_sentences, batch_size)
+    encode = prompt.encode
+    if config["manifest"].get("demos"):
+        from fsserve.config import DemoConfig
+        from fsserve.demo_prompts import demo_encoder
+
+        demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
+        encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
+    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range, prompt.template.num_sentences, batch_size)
 
 
 def load_bundle_demos(path: str | Path) -> Any:

@@ -120,3 +120,16 @@ class DemoPrompt:
 def encode_with_demos(prompt: Prompt, queries: Sequence[Any], demos: Sequence[Sequence[Any]]) -> list[Encoded]:
     """One-call form of :class:`DemoPrompt` for callers that do not keep the wrapper around."""
     return DemoPrompt(prompt).encode(queries, demos)
+
+
+def demo_encoder(prompt: Prompt, index: Any, config: Any) -> Any:
+    """An ``encode(rows)`` for the Predictor that picks demonstrations on the fly (one encoder pass per call)."""
+    dp = DemoPrompt(prompt)
+
+    def encode(rows: Sequence[Any]) -> list[Encoded]:
+        if not rows:
+            return []
+        chosen = index.select(rows, mode=config.eval_mode, filter_rate=config.filter_rate)
+        return dp.encode(rows, index.demos(chosen))
+
+    return encode

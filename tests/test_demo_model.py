@@ -103,3 +103,16 @@ def test_pool_classes_must_match_and_finetune_refuses_demos(tiny_lm, pool_index:
     ft = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}), method="finetune")
     with pytest.raises(ValueError, match="prompt method"):
         ft.attach_demos(pool_index)
+
+
+def test_the_bundle_carries_the_pool_and_the_onnx_predictor_uses_it(tiny_lm, pool_index: DemoIndex, tmp_path: Path) -> None:
+    model = _model(tiny_lm)
+    model.attach_demos(pool_index)
+    texts = ["a lovely film", "so dull"]
+    expected = model.predict_logits(texts).numpy()
+    bundle = model.export(tmp_path / "bundle")
+    assert (bundle / "demos").is_dir()
+    onnx = Predictor.from_pretrained(bundle, backend="onnx")
+    import numpy as np
+
+    np.testing.assert_allclose(onnx.label_logits(texts), expected, atol=1e-4)
