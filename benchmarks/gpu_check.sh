@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one call: all `gpu`-marked tests, then the GPU benchmarks.
 # Run from the repository root on any CUDA machine:   bash benchmarks/gpu_check.sh
 # Budget: under 8 minutes on one H100 (tests ~2-3 min, most of it Triton compiling each kernel
-# variant per dtype; bench_head ~1-2 min). Results go to $OUT (default out/), which the device
+# variant per dtype; bench_head ~1-2 min; fsserve bench ~1-2 min). Results go to $OUT (default out/), which the device
 # runner copies back. The script keeps going after a failed step so the benchmarks still run, and
 # exits non-zero if any step failed.
 set -uo pipefail
@@ -48,11 +48,15 @@ step gpu_tests 330 "$PY" -m pytest -m gpu -q -ra tests --junitxml="$OUT/gpu_test
 
 step bench_head 150 "$PY" benchmarks/bench_head.py --device cuda --out "$OUT/bench_head_cuda.json"
 
-# ---------------------------------------------------------------------------------------------
-# TODO(fsserve bench): the end-to-end GPU run goes here once `fsserve bench` exists, e.g.
-#   step fsserve_bench 120 "$PY" -m fsserve.cli bench --device cuda --out "$OUT/fsserve_bench_cuda.json"
-# Keep the whole script under 8 minutes on an H100: trim its limit to what is left.
-# ---------------------------------------------------------------------------------------------
+# End to end on the GPU: the plain-transformers baseline against fsserve's torch backend (torch
+# head), torch + the Triton label-logit kernel, onnxruntime CUDA and TensorRT, interleaved, with
+# each one's p50 ratio to the baseline. $FSSERVE_BENCH_MODEL picks a bundle, a saved model or an LM
+# name (default: the embedded Gemma 3 270M with SST-2's prompt). Writes
+# $OUT/fsserve_bench_cuda/bench.{json,md,png}; backends this machine lacks (e.g. no onnxruntime-gpu)
+# are listed in the table with the reason. About 1-2 min on an H100 (TensorRT builds an engine per
+# new shape during the warm-up runs, cached in $OUT/fsserve_bench_cuda/trt_cache).
+step fsserve_bench 150 "$PY" -m fsserve.cli_bench bench "${FSSERVE_BENCH_MODEL:-embedded}" --device cuda \
+    --batch-sizes 1,8,32 --seq-lens 32,128 --cell-seconds 4 --no-progress --out "$OUT/fsserve_bench_cuda"
 
 echo "=== done: status=$status; results in $OUT ==="
 exit $status
