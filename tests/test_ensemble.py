@@ -83,7 +83,7 @@ def test_joint_training_runs_through_the_trainer_and_changes_every_member(tiny_l
 
 def test_save_and_load_keep_shared_and_separate_lms(tiny_lm: Any, tmp_path: Path) -> None:
     for shared in (True, False):
-        ensemble = PromptEnsemble(_members(tiny_lm, "gpt2", shared=shared))
+        ensemble = PromptEnsemble(_members(tiny_lm, "bert", shared=shared))
         ensemble.save_pretrained(tmp_path / str(shared))
         loaded = PromptEnsemble.from_pretrained(tmp_path / str(shared))
         assert loaded.shared_lm is shared
