@@ -167,9 +167,12 @@ def validate_graph(model: Any, path: str | Path, atol: float = FP32_ATOL, batch_
         if got.shape != expected.shape:
             raise ExportValidationError(f"{path}: output shape {got.shape} != torch {expected.shape} ({case.label})")
         diff = float(np.abs(got.astype(np.float64) - expected).max())
+        # 1e-4 absolute for logits of order one; for a deep LM whose label logits run to tens (Gemma 3),
+        # float32 rounding alone exceeds that, so the bound grows with the logits' magnitude.
+        allowed = atol * max(1.0, float(np.abs(expected).max()))
         worst, cases = max(worst, diff), cases + 1
-        if not diff < atol:
-            raise ExportValidationError(f"{path}: max abs difference {diff:.3g} >= {atol:g} against torch ({case.label})")
+        if not diff < allowed:
+            raise ExportValidationError(f"{path}: max abs difference {diff:.3g} >= {allowed:.3g} against torch ({case.label})")
         if not np.array_equal(got.argmax(-1), expected.argmax(-1)):
             raise ExportValidationError(f"{path}: argmax differs from torch ({case.label})")
     logger.info("validated %s on %d shapes: max abs diff %.3g", path, cases, worst)

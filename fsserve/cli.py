@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_predict)
 
+    from fsserve.cli_bench import add_bench_parser
     from fsserve.cli_experiment import add_experiment_parser
     from fsserve.cli_export import add_export_parser
     from fsserve.cli_search import add_search_parser
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parsers(sub)
     add_search_parser(sub)
     add_experiment_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline transformer fusions")
     p.add_argument("--no-torch-weights", action="store_true", help="leave the torch weights out (the bundle then loads with the onnx backend only)")
+    p.add_argument("--atol", type=float, help="fp32 validation bound against torch, relative to max(1, |logit|) (default 1e-4)")
     p.add_argument("--validation-file", help="CSV/JSONL of texts on which int8/fp16 agreement with fp32 is measured")
     p.add_argument("--triton-repository", metavar="DIR", help="also write a Triton Inference Server model repository here")
     p.add_argument("--triton-model-name", default="fsserve")
@@ -58,6 +59,8 @@ def run_export(args: argparse.Namespace) -> int:
     }
     if args.no_optimize:
         kwargs["optimize"] = False
+    if args.atol is not None:
+        kwargs["atol"] = args.atol
     if args.validation_file:
         from fsserve.data import load_examples
 
