@@ -10,7 +10,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="_JsonConfig")
 
-METHODS = ("prompt", "finetune", "zero-shot")
+BASE_METHODS = ("prompt", "finetune", "zero-shot")
+# Lighter adaptations of a frozen LM, built and restored by fsserve.methods.
+ADAPTATION_METHODS = ("probe", "prompt-tuning", "prefix-tuning", "lora")
+METHODS = BASE_METHODS + ADAPTATION_METHODS
 
 
 class _JsonConfig:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsserve.config import DemoConfig, PromptConfig
+from fsserve.config import ADAPTATION_METHODS, DemoConfig, PromptConfig
 from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts
 from fsserve.prompts import Encoded, Prompt, _sentences
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
@@ -124,8 +124,13 @@ class PromptModel(nn.Module):
         method: str = "prompt",
         kind: str = "auto",
         torch_dtype: torch.dtype = torch.float32,
+        method_config: Any = None,
     ) -> PromptModel:
-        """Load a saved PromptModel folder, or wrap any HF encoder/decoder (hub name, path, ``"embedded"``)."""
+        """Load a saved PromptModel folder, or wrap any HF encoder/decoder (hub name, path, ``"embedded"``).
+
+        ``method`` may also be one of ``ADAPTATION_METHODS`` (probe, prompt-tuning, prefix-tuning,
+        lora), configured by ``method_config`` (a ``fsserve.methods.MethodConfig`` or a dict).
+        """
         path = Path(str(name_or_dir)) if name_or_dir is not None else None
         if path is not None and (path / MODEL_CONFIG).is_file():
             return cls._load_saved(path, torch_dtype)
@@ -146,7 +151,12 @@ class PromptModel(nn.Module):
         logger.info("loading %s as a %s LM", source, resolved_kind)
         lm = auto.from_pretrained(source, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = cls(lm, tokenizer, prompt, method=method, kind=resolved_kind)
+        if method in ADAPTATION_METHODS:
+            from fsserve.methods import adapt
+
+            model = adapt(lm, tokenizer, prompt, method, kind=resolved_kind, config=method_config)
+        else:
+            model = cls(lm, tokenizer, prompt, method=method, kind=resolved_kind)
         model.source = str(name_or_dir)
         return model
 
@@ -166,7 +176,12 @@ class PromptModel(nn.Module):
         auto = AutoModelForMaskedLM if meta["kind"] == "mlm" else AutoModelForCausalLM
         lm = auto.from_pretrained(path / LM_DIR, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path / LM_DIR)
-        model = cls(lm, tokenizer, PromptConfig.from_dict(meta["prompt"]), method=meta["method"], kind=meta["kind"])
+        if meta["method"] in ADAPTATION_METHODS:
+            from fsserve.methods import restore
+
+            model = restore(lm, tokenizer, PromptConfig.from_dict(meta["prompt"]), meta, path)
+        else:
+            model = cls(lm, tokenizer, PromptConfig.from_dict(meta["prompt"]), method=meta["method"], kind=meta["kind"])
         if meta["method"] == "finetune":
             from safetensors.torch import load_file
 
@@ -183,8 +198,9 @@ class PromptModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the LM, tokenizer, head and prompt atomically (safetensors + JSON, no pickle)."""
         with atomic_directory(directory) as tmp:
-            self.lm.save_pretrained(tmp / LM_DIR, safe_serialization=True)
+            self.lm.save_pretrained(tmp / LM_DIR, safe_serialization=True, state_dict=self.lm_state_for_save())
             self.tokenizer.save_pretrained(tmp / LM_DIR)
+            self.save_method_files(tmp)
             if self.method == "finetune":
                 from safetensors.torch import save_file
 
@@ -192,6 +208,13 @@ class PromptModel(nn.Module):
             if self.demo_index is not None:
                 self.demo_index.save(tmp / DEMOS_DIR)
             write_json_atomic(tmp / MODEL_CONFIG, self.metadata())
+
+    def lm_state_for_save(self) -> dict[str, torch.Tensor] | None:
+        """The LM weights to save (None: the LM's own); adaptations that inject layers return the clean base."""
+        return None
+
+    def save_method_files(self, folder: Path) -> None:
+        """Hook for fsserve.methods: write an adaptation's trained tensors next to the LM (nothing here)."""
 
     def metadata(self) -> dict[str, Any]:
         """What a saved model or bundle records about this model besides its weights."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsserve.config import TrainingArguments
+from fsserve.config import ADAPTATION_METHODS, TrainingArguments
 from fsserve.modeling import PromptModel
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ class Trainer:
     ) -> None:
         if not train_examples and args.method != "zero-shot" and args.max_steps > 0:
             raise ValueError("no training examples were given")
+        adaptation = getattr(model, "adaptation", None)
+        # evaluate_model scores any model under method "zero-shot"; training must name the model's own method.
+        if args.method != "zero-shot" and (args.method in ADAPTATION_METHODS or adaptation is not None) and args.method != adaptation:
+            raise ValueError(
+                f"TrainingArguments.method is {args.method!r} but the model was built for {adaptation or model.method!r}: "
+                f"build it with PromptModel.from_pretrained(..., method={args.method!r})"
+            )
         self.model = model
         self.args = args
         self.train_examples = list(train_examples)
