@@ -38,7 +38,10 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 def _add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     """Optimisation arguments shared by train and eval."""
     g = p.add_argument_group("training")
-    g.add_argument("--method", default=default_method, choices=["prompt", "finetune", "zero-shot"])
+    from fsserve.config import METHODS
+
+    g.add_argument("--method", default=default_method, choices=list(METHODS),
+                   help="prompt (LM-BFF), finetune (standard), zero-shot, or a light adaptation of a frozen LM")
     g.add_argument("--steps", type=int, default=1000, help="optimiser steps (LM-BFF: 1000)")
     g.add_argument("--eval-steps", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-5)
@@ -173,6 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fsserve.modeling import MODEL_CONFIG, PromptModel
     from fsserve.training import evaluate_model
 
+    if getattr(args, "methods", None):
+        from fsserve.cli_methods import cmd_compare
+
+        # `fsserve eval --methods a/b/c` is `fsserve compare`: one table, each method with its default rate.
+        for name, value in (("lr", None), ("export_dir", "compare-bundles"), ("no_export", False), ("validate_export", False)):
+            setattr(args, name, value)
+        return cmd_compare(args)
     task, data = _task_and_data(args)
     if (Path(args.model) / MODEL_CONFIG).is_file():
         model = PromptModel.from_pretrained(args.model)
@@ -238,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="training file when MODEL is an LM and --method trains")
     p.add_argument("--dev", help="dev file for checkpoint selection")
     p.add_argument("--json", action="store_true", help="also print a JSON line")
+    p.add_argument("--methods", help="compare adaptation methods in one table (as `fsserve compare --methods`), e.g. zero-shot/probe/lora/prompt")
     _add_data_args(p, "test")
     _add_prompt_args(p)
     _add_training_args(p, "zero-shot")
@@ -255,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fsserve.cli_bench import add_bench_parser
     from fsserve.cli_experiment import add_experiment_parser
     from fsserve.cli_export import add_export_parser
+    from fsserve.cli_methods import add_methods_parsers
     from fsserve.cli_search import add_search_parser
     from fsserve.cli_serve import add_serve_parsers
 
@@ -263,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(sub)
     add_experiment_parser(sub)
     add_bench_parser(sub)
+    add_methods_parsers(sub)
     return parser
 
 
