@@ -1,7 +1,7 @@
 """Reports of an LM-BFF protocol run: best-on-dev per seed, mean ± std per task × method, table, JSON, plot.
 
 Scores are shown ×100 as in LM-BFF's tables, as ``mean (std)``; the std is the population std over
-seeds (``numpy.std``, ddof=0, as LM-BFF's ``tools/gather_result.py``).
+seeds (``numpy.std``, ddof=0).
 """
 
 from __future__ import annotations
