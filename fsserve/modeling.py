@@ -322,7 +322,7 @@ class PromptModel(nn.Module):
     @torch.no_grad()
     def predict_logits(self, examples: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Label logits for many examples, batched by length to waste little padding."""
-        if self.demo_index is not None and self.demo_config.eval_mode != "top1" and self.demo_config.num_sample > 1:
+        if self.demo_index is not None and self.demo_config.eval_mode != "top1":  # seeded draws, averaged
             return self._predict_logits_sampled(examples, batch_size)
         was_training = self.training
         self.eval()
