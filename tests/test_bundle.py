@@ -26,20 +26,17 @@ TEXTS = ["A fine film.", "Dull and far too long.", "Great!", "Not what I hoped f
 PROMPT = PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=32)
 
 
-class _Demos:
-    """A stand-in for fsserve.demos.DemoIndex: anything with save(directory) fills the demos/ slot."""
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True)
-        (directory / "pool.jsonl").write_text('{"text": "A gem.", "label": "1"}\n', encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def bert_bundle(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[PromptModel, Path]:
-    """A tiny BERT bundle with torch weights and a demos/ folder, exported once."""
+    """A tiny BERT bundle with torch weights and a real demonstration pool, exported once."""
+    from fsserve.data import Example
+    from fsserve.demos import DemoIndex
+
     lm, tokenizer = tiny_lm("bert")
     model = PromptModel(lm, tokenizer, PROMPT).eval()
-    path = model.export(tmp_path_factory.mktemp("bundle") / "bert", demos=_Demos())
+    pool = [Example("A gem of a film.", label="1"), Example("A tedious mess.", label="0")]
+    model.attach_demos(DemoIndex(pool, labels=["0", "1"]))
+    path = model.export(tmp_path_factory.mktemp("bundle") / "bert")
     return model, path
 
 
@@ -48,7 +45,7 @@ def test_manifest_lists_every_file_with_versions(bert_bundle: tuple[PromptModel,
     manifest = verify_bundle(path)
     on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert sorted(manifest["files"]) == on_disk
-    assert {"model.onnx", "fsserve.json", "tokenizer/tokenizer.json", "demos/pool.jsonl", "torch/fsserve.json"} <= set(manifest["files"])
+    assert {"model.onnx", "fsserve.json", "tokenizer/tokenizer.json", "demos/demo_index.json", "torch/fsserve.json"} <= set(manifest["files"])
     assert manifest["opset"] == 17 and manifest["onnx_version"] and manifest["onnxruntime_version"] and manifest["fsserve_version"]
     assert manifest["demos"] == "demos" and manifest["torch"] == "torch"
     config = json.loads((path / "fsserve.json").read_text())
@@ -152,8 +149,11 @@ def test_tokenizer_adapter_encodes_prompts_like_the_hf_tokenizer(tiny_lm: Any, t
     assert ours.encode(texts) == theirs.encode(texts)
 
 
-def test_onnx_prediction_never_imports_torch(bert_bundle: tuple[PromptModel, Path]) -> None:
-    model, path = bert_bundle
+def test_onnx_prediction_never_imports_torch(tiny_lm: Any, tmp_path: Path) -> None:
+    # Without demonstrations (their sentence encoder is a torch model), the onnx path needs no torch.
+    lm, tokenizer = tiny_lm("bert")
+    model = PromptModel(lm, tokenizer, PROMPT).eval()
+    path = model.export(tmp_path / "plain", torch_weights=False)
     code = textwrap.dedent(
         f"""
         import json, sys
