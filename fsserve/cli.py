@@ -48,6 +48,8 @@ def _add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--train-seed", type=int, help="training seed (default: --seed)")
     g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="options of probe/prompt-tuning/prefix-tuning/lora, e.g. lora_r=8, pooling=mean, num_virtual_tokens=10")
     g = p.add_argument_group("demonstrations (LM-BFF: one labelled example per class in every prompt)")
     g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
     g.add_argument("--demo-eval", default="top1", choices=["top1", "similar", "random"], help="how evaluation/prediction picks them")
@@ -145,7 +147,14 @@ def _build_and_train(args: argparse.Namespace, task: Any, data: Path) -> tuple[A
     prompt = _prompt_config(args, task, kind)
     metric = task.metric if task is not None else "acc"
     set_seed(targs.seed)
-    model = PromptModel.from_pretrained(args.model, prompt=prompt, method=args.method)
+    from fsserve.config import ADAPTATION_METHODS
+
+    method_config = None
+    if args.method in ADAPTATION_METHODS:
+        from fsserve.methods import MethodConfig
+
+        method_config = MethodConfig.from_options(args.method_option)
+    model = PromptModel.from_pretrained(args.model, prompt=prompt, method=args.method, method_config=method_config)
     use_demos = args.demos != "none"
     train, dev = _load_train_dev(args, task, data) if targs.max_steps > 0 or use_demos else ([], [])
     if use_demos:

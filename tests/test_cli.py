@@ -49,3 +49,15 @@ def test_errors_name_the_problem(tiny_lm_dir, tmp_path: Path, capsys: pytest.Cap
     assert "give texts" in capsys.readouterr().err
     assert main(["predict", str(tmp_path), "hello"]) == 2
     assert "not a saved fsserve model" in capsys.readouterr().err
+
+
+def test_train_with_an_adaptation_method(tiny_lm_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lora"
+    code = main(["train", "--model", str(tiny_lm_dir("bert")), "--train", str(TRAIN), "--template", "{sent_0} It was {mask}.",
+                 "--label-words", "0:terrible,1:great", "--method", "lora", "--method-option", "lora_r=4",
+                 "--steps", "2", "--lr", "1e-3", "--out", str(out)])
+    assert code == 0
+    meta = json.loads((out / "fsserve.json").read_text())
+    assert meta["method"] == "lora"
+    assert main(["predict", str(out), "What a joy.", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] in ("0", "1")
