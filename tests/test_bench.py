@@ -39,7 +39,14 @@ def bench_run(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     """Save a tiny Gemma prompt model, bench it on a 2 × 2 grid with demonstrations and int8 agreement."""
     lm, tokenizer = tiny_lm("gemma")
     saved = tmp_path_factory.mktemp("bench-model") / "model"
-    PromptModel(lm, tokenizer, PROMPT).save_pretrained(saved)
+    from fsserve.data import Example
+    from fsserve.demos import DemoIndex
+
+    model = PromptModel(lm, tokenizer, PROMPT)
+    # The model carries its own pool, so --demos needs no data folder.
+    pool = [Example("A gem of a film.", label=PROMPT.labels[1]), Example("A tedious mess.", label=PROMPT.labels[0])]
+    model.attach_demos(DemoIndex(pool, labels=PROMPT.labels))
+    model.save_pretrained(saved)
     texts = tmp_path_factory.mktemp("bench-texts") / "texts.jsonl"
     rows = [{"text": f"Sentence number {i} is {'good' if i % 2 else 'bad'}, and it goes on for a while.", "label": str(i % 2)} for i in range(12)]
     texts.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
