@@ -223,7 +223,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_pretrained(args.model, backend=args.backend, batch_size=args.batch_size)
     start = time.perf_counter()
     probs = predictor.predict_proba(texts)
-    labels = predictor.predict(texts)
+    labels = predictor.labels_from_proba(probs)
     ms = (time.perf_counter() - start) * 1000
     for text, label, p in zip(texts, labels, probs):
         if args.json:

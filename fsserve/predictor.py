@@ -89,7 +89,6 @@ class Predictor:
         if backend == "onnx":
             raise ValueError(f"{path} is a saved model, not an exported bundle: run `fsserve export` first for the onnx backend")
         from fsserve.modeling import PromptModel
-        from fsserve.runtime.torch import TorchBackend
 
         model = PromptModel.from_pretrained(path)
         return cls.from_model(model, device=device, batch_size=batch_size, **kwargs)
@@ -166,10 +165,12 @@ class Predictor:
     def predict(self, texts: str | Sequence[Any], texts_b: str | Sequence[str] | None = None) -> Any:
         """Predicted label (or regression value): one for a str, a list for a list."""
         _, single = self._rows(texts, texts_b)
-        probs = self._probs(self.label_logits(texts, texts_b))
+        preds = self.labels_from_proba(self._probs(self.label_logits(texts, texts_b)))
+        return preds[0] if single else preds
+
+    def labels_from_proba(self, probs: np.ndarray) -> list[Any]:
+        """Labels (or regression values) for (B, num_labels) probabilities, so callers need not run the model twice."""
         if self.regression_range:
             lo, hi = self.regression_range
-            preds: list[Any] = [float(lo + (hi - lo) * p) for p in probs[:, 1]]
-        else:
-            preds = [self.labels[i] for i in probs.argmax(-1)]
-        return preds[0] if single else preds
+            return [float(lo + (hi - lo) * p) for p in probs[:, 1]]
+        return [self.labels[i] for i in probs.argmax(-1)]
