@@ -109,16 +109,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``bench`` on its own (``python -m fsserve.cli_bench``) until the main CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="fsserve")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except ValueError as exc:
-        print(f"fsserve bench: error: {exc}", flush=True)
-        return 2
+    """Keep ``python -m fsserve.cli_bench`` working: it is the ``fsserve`` command itself."""
+    from fsserve.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +109,10 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``experiment`` on its own (``python -m fsserve.cli_experiment``) until the main CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="fsserve")
-    add_experiment_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except ValueError as exc:
-        print(f"fsserve experiment: error: {exc}", file=sys.stderr)
-        return 2
+    """Keep ``python -m fsserve.cli_experiment`` working: it is the ``fsserve`` command itself."""
+    from fsserve.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,12 +83,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``export`` on its own (``python -m fsserve.cli_export``) until the main CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="fsserve")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    """Keep ``python -m fsserve.cli_export`` working: it is the ``fsserve`` command itself."""
+    from fsserve.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

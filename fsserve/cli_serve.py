@@ -106,17 +106,10 @@ def add_serve_parsers(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `serve` or `client` on their own (``python -m fsserve.cli_serve``), as `fsserve` does once wired in."""
-    parser = argparse.ArgumentParser(prog="fsserve", description="Serve fsserve models over KServe v2 gRPC, or call such a server.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log requests and lifecycle events")
-    add_serve_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except ValueError as exc:
-        parser.error(f"{args.command}: {exc}")
-        raise  # unreachable: parser.error exits with status 2
+    """Keep ``python -m fsserve.cli_serve`` working: it is the ``fsserve`` command itself."""
+    from fsserve.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
