@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fsserve.demo_prompts import _join, demo_segment
-from fsserve.prompts import Encoded, Prompt, Template, _sentences
+from fsserve.prompts import Encoded, Prompt, Template, example_texts
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class InContextPrompt:
 
     def _encode_with(self, query: Any, order: Sequence[int]) -> Encoded:
         """Encode one query behind the context examples ``order`` (pool ids, in order)."""
-        texts = list(_sentences(query, self.width)[: self.width])
+        texts = list(example_texts(query, self.width)[: self.width])
         for i in order:
-            texts.extend(_sentences(self.pool[i], self.width)[: self.width])
+            texts.extend(example_texts(self.pool[i], self.width)[: self.width])
         # Sentence slots: the query is slot 0..width-1, context example i is slot width*(1+i)...
         return self._encoder(tuple(self.classes[i] for i in order)).encode([tuple(texts)])[0]
 

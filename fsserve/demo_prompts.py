@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from fsserve.prompts import Encoded, Part, Prompt, Template, _sentences
+from fsserve.prompts import Encoded, Part, Prompt, Template, example_texts
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ class DemoPrompt:
             if len(chosen) != self.num_classes:
                 raise ValueError(f"query {q} has {len(chosen)} demonstrations; the prompt needs one per class "
                                  f"({self.num_classes}: {self.prompt.labels})")
-            texts = list(_sentences(query, width)[:width])
+            texts = list(example_texts(query, width)[:width])
             for demo in chosen:
-                texts.extend(_sentences(demo, width)[:width])
+                texts.extend(example_texts(demo, width)[:width])
             rows.append(tuple(texts))
         encoded = self._encoder.encode(rows)
         if self.max_token_type is not None:

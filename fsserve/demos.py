@@ -297,7 +297,7 @@ class DemoIndex:
         query's own text are always excluded. ``embeddings`` (from :meth:`embed`) lets several draws for
         the same queries (LM-BFF's ``num_sample``) share one encoder call; ``random`` never calls it.
         """
-        texts = [_query_text(q) for q in queries]
+        texts = [query_text(q) for q in queries]
         keys = [_key(t) for t in texts]
         if exclude is not None and len(exclude) != len(keys):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(keys)} queries")
@@ -382,7 +382,7 @@ class DemoIndex:
         return np.take_along_axis(top, order, axis=1)
 
 
-def _query_text(query: Query) -> str:
+def query_text(query: Query) -> str:
     """The text a query is embedded and compared under (pairs joined, as for the pool)."""
     if isinstance(query, str):
         return pair_text(query)

@@ -18,7 +18,7 @@ from torch import nn
 
 from fsserve.config import ADAPTATION_METHODS, DemoConfig, PromptConfig
 from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts
-from fsserve.prompts import Encoded, Prompt, _sentences
+from fsserve.prompts import Encoded, Prompt, example_texts
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class PromptModel(nn.Module):
         if self.method == "prompt":
             return self.prompt.encode(examples)
         needed = self.prompt.template.num_sentences
-        rows = [_sentences(ex, needed) for ex in examples]
+        rows = [example_texts(ex, needed) for ex in examples]
         firsts = [r[0] for r in rows]
         seconds = [r[1] for r in rows] if needed > 1 else None
         enc = self.tokenizer(
@@ -341,12 +341,12 @@ class PromptModel(nn.Module):
         """LM-BFF's evaluation with demonstrations: average the label logits over ``num_sample`` draws."""
         import numpy as np
 
-        from fsserve.demos import pair_text
+        from fsserve.demos import query_text
 
         cfg = self.demo_config
         vectors = None
         if cfg.eval_mode != "random":
-            vectors = self.demo_index.embed([pair_text(*_sentences(ex, 1)[:2]) for ex in examples])
+            vectors = self.demo_index.embed([query_text(ex) for ex in examples])
         rng = np.random.default_rng(0)
         total = torch.zeros(len(examples), self.head_outputs)
         was_training = self.training

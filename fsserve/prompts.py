@@ -368,7 +368,7 @@ class Prompt:
 
     def encode(self, examples: Sequence[Example | str | tuple[str, str]]) -> list[Encoded]:
         """Tokenize a batch of examples into prompts that fit ``max_length`` with the answer inside."""
-        rows = [_sentences(ex, self.template.num_sentences) for ex in examples]
+        rows = [example_texts(ex, self.template.num_sentences) for ex in examples]
         slots = sorted({p.index for p in self.parts if p.kind == "sent"})
         sent_tokens: dict[tuple[int, int], list[int]] = {}
         for slot in slots:
@@ -442,7 +442,7 @@ def _fit_lengths(lengths: list[int], budget: int) -> list[int]:
     return lengths
 
 
-def _sentences(example: Any, needed: int) -> list[str]:
+def example_texts(example: Any, needed: int) -> list[str]:
     """Get ``[text]`` or ``[text, text_b]`` from an Example, a str or a tuple, refusing empty text."""
     if isinstance(example, str):
         texts = [example]

@@ -320,7 +320,7 @@ def t5_templates(
     num_templates: int = 10,
 ) -> list[TemplateCandidate]:
     """LM-BFF's template generation: T5 fills the spans around each example's label word; scores sum over examples."""
-    from fsserve.prompts import _sentences
+    from fsserve.prompts import example_texts
 
     if isinstance(t5, str):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -341,7 +341,7 @@ def t5_templates(
     labels = list(label_words)
     first = [w if isinstance(w, str) else list(w)[0] for w in label_words.values()]
     targets = _targets(examples, labels)
-    inputs = [_render_form(parsed, _sentences(ex, parsed.num_sentences), first[t]) for ex, t in zip(examples, targets.tolist())]
+    inputs = [_render_form(parsed, example_texts(ex, parsed.num_sentences), first[t]) for ex, t in zip(examples, targets.tolist())]
     enc = tokenizer(inputs, padding=True, return_tensors="pt")
     device = next(t5.parameters()).device
     encoder_states = t5.get_encoder()(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).last_hidden_state
