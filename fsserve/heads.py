@@ -96,6 +96,8 @@ class LabelWordHead(nn.Module):
         average = torch.zeros(len(label_word_ids), num_labels)
         average[torch.arange(len(label_word_ids)), self.word_to_class] = 1.0
         self.register_buffer("word_average", average / counts, persistent=False)
+        # Decided once here, not per call: a per-call tensor comparison is a device sync on CUDA.
+        self.one_word_per_class = list(word_to_class) == list(range(num_labels))
 
     def label_weight(self) -> torch.Tensor:
         """The (num_words, H) rows of the output embedding that score the label words."""
@@ -119,9 +121,7 @@ class LabelWordHead(nn.Module):
         if self.transform is not None:
             t = self.transform
             transform = HeadTransform(t.dense.weight, t.dense.bias, t.norm.weight, t.norm.bias, float(t.norm.eps))
-        word_map = None if self.word_to_class.numel() == self.num_labels and bool(
-            (self.word_to_class == torch.arange(self.num_labels, device=self.word_to_class.device)).all()
-        ) else self.word_to_class
+        word_map = None if self.one_word_per_class else self.word_to_class
         return label_logits(
             hidden, answer_pos, self.label_weight(), self.label_bias(), transform=transform,
             word_to_class=word_map, num_labels=self.num_labels,
@@ -137,7 +137,7 @@ class LabelWordHead(nn.Module):
             logits = logits + bias
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        if logits.shape[-1] == self.num_labels and bool((self.word_average.diagonal() == 1).all()):
+        if self.one_word_per_class:
             return logits
         return logits @ self.word_average.to(logits.dtype)
 
