@@ -34,6 +34,7 @@ from fsserve.bench_backends import ALL_BACKENDS, BASELINE, CPU_DEFAULT, GPU_DEFA
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 # Used only when neither --texts nor the shared SST-2 data is there (tests, fresh machines).
 FALLBACK_TEXTS = (
     "A warm, funny and unexpectedly moving film about growing up.",
@@ -59,6 +60,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     seq_lens: tuple[int, ...] = (32, 128)
     device: str = "cpu"
+    dtype: str = "float32"  # the torch backends' weights (the baseline's too); ONNX graphs stay fp32
     warmup: int = 1
     min_runs: int = 3
     max_runs: int = 30
@@ -93,6 +95,8 @@ class BenchConfig:
             raise ValueError("need warmup >= 0, min_runs >= 1, max_runs >= min_runs and cell_seconds >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.dtype!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -169,9 +173,10 @@ def time_cell(backends: Sequence[BenchBackend], batch: dict[str, np.ndarray], cf
     start, rounds = time.perf_counter(), 0
 
     def more() -> bool:
-        """Whether to start another round: enough samples yet, and time for one more before the deadline."""
+        """Whether to start another round: min_runs always (a deadline eaten by warm-up, e.g. kernel
+        compilation, must not leave a cell with one sample), more while time allows."""
         now = time.perf_counter()
-        if rounds and deadline is not None and now + round_cost > deadline:
+        if rounds >= cfg.min_runs and deadline is not None and now + round_cost > deadline:
             return False
         return rounds < cfg.min_runs or (rounds < cfg.max_runs and now - start < cfg.cell_seconds)
 
@@ -267,6 +272,10 @@ def run_bench(source: str | Path, cfg: BenchConfig | None = None, out_dir: str |
     subject = load_subject(source, out / "graphs")
     if any(n.startswith("onnx") for n in names) or cfg.agreement:
         ensure_graphs(subject, "onnx-int8" in names or bool(cfg.agreement), cfg.int8_mode, cfg.per_channel, cfg.int8_exclude)
+    if cfg.dtype != "float32":  # after the graphs, which are exported from the fp32 weights
+        import torch
+
+        subject.model.to(getattr(torch, cfg.dtype))
     backends = [build_backend(n, subject, cfg.device, cfg.threads, cfg.spinning, out / "trt_cache") for n in names]
     texts, text_source = load_texts(cfg.texts)
     rng = np.random.default_rng(cfg.seed)

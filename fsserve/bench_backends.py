@@ -302,6 +302,11 @@ def unavailable_reason(name: str, device: str) -> str | None:
     return None
 
 
+def _dtype_name(model: Any) -> str:
+    """The torch model's weight dtype, as the table shows it (``float32``, ``bfloat16``)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def _tensors(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
     """The numpy batch as int64 torch tensors on the device."""
     import torch
@@ -379,7 +384,7 @@ def build_backend(name: str, subject: Subject, device: str, threads: int | None,
         if name == "transformers":
             model.to(torch_device)
             run = transformers_baseline(model, torch_device, baseline_rows(model, torch_device))
-            return BenchBackend(name, run, torch_device, subject.load_mb, "HF forward, full logits", sync)
+            return BenchBackend(name, run, torch_device, subject.load_mb, f"HF forward, full logits, {_dtype_name(model)}", sync)
         runner = TorchBackend(model, device=torch_device)
         fused = torch_device == "cpu" or name == "torch-triton"
 
@@ -388,7 +393,7 @@ def build_backend(name: str, subject: Subject, device: str, threads: int | None,
             return runner.label_logits(**batch)
 
         detail = "Triton label-logit kernel" if name == "torch-triton" else ("fused op, torch reference" if fused else "torch head")
-        return BenchBackend(name, run, torch_device, subject.load_mb, detail, sync)
+        return BenchBackend(name, run, torch_device, subject.load_mb, f"{detail}, {_dtype_name(model)}", sync)
     import onnxruntime  # noqa: F401  (imported before measuring, so load_mb counts the session)
 
     from fsserve.runtime.onnx import OnnxBackend

