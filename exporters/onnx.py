@@ -113,8 +113,6 @@ def torch_label_logits(model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
 
 def export_graph(model: Any, path: str | Path, opset: int = OPSET) -> list[str]:
     """Trace the model's label logits into an ONNX file with named dynamic axes; return the input names."""
-    if model.method != "prompt":
-        raise ValueError("only label-word (prompt) models export to ONNX for now; this one was fine-tuned with a classification head")
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         raise ValueError(f"export needs a float32 model (got {dtype}); load it with torch_dtype=torch.float32 and pass fp16=True for a half graph")

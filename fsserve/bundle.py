@@ -65,6 +65,7 @@ class BundleTokenizer:
         for name in _SPECIAL_IDS:
             setattr(self, name, special.get(name))
         self.add_bos_token = bool(special.get("add_bos_token", False))
+        self._truncating_copies: dict[int, Any] = {}
 
     @classmethod
     def from_folder(cls, folder: str | Path, special: dict[str, Any]) -> BundleTokenizer:
@@ -76,12 +77,49 @@ class BundleTokenizer:
             raise BundleError(f"{path} is missing: the onnx backend needs the fast tokenizer's tokenizer.json")
         return cls(Tokenizer.from_file(str(path)), special)
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
-        """Encode one text or a batch into ``{"input_ids": ...}`` like an HF tokenizer."""
-        if isinstance(text, str):
-            return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
-        encodings = self._tokenizer.encode_batch(list(text), add_special_tokens=add_special_tokens)
-        return {"input_ids": [e.ids for e in encodings]}
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_token_type_ids: bool = False,
+    ) -> dict[str, Any]:
+        """Encode one text (or pair) or a batch into ``{"input_ids": ...}`` like an HF tokenizer.
+
+        ``truncation=True`` cuts to ``max_length`` longest-first, as HF fast tokenizers do for pairs;
+        ``return_token_type_ids`` adds the segment ids.
+        """
+        single = isinstance(text, str)
+        firsts = [text] if single else list(text)
+        inputs: list[Any] = firsts
+        if text_pair is not None:
+            seconds = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+            if len(seconds) != len(firsts):
+                raise ValueError(f"{len(firsts)} texts but {len(seconds)} text pairs")
+            inputs = list(zip(firsts, seconds))
+        backend = self._tokenizer
+        if truncation:
+            if max_length is None or max_length < 1:
+                raise ValueError(f"truncation needs a positive max_length, got {max_length!r}")
+            backend = self._truncating(int(max_length))
+        encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        out: dict[str, Any] = {"input_ids": [e.ids for e in encodings]}
+        if return_token_type_ids:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    def _truncating(self, max_length: int) -> Any:
+        """A copy of the tokenizer that truncates to max_length (one per length; the shared one is never mutated)."""
+        copies = self._truncating_copies
+        if max_length not in copies:
+            from tokenizers import Tokenizer
+
+            copy = Tokenizer.from_str(self._tokenizer.to_str())
+            copy.enable_truncation(max_length, strategy="longest_first")
+            copies[max_length] = copy
+        return copies[max_length]
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         """Token strings of ids (used in error messages about label words)."""
@@ -95,8 +133,12 @@ def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
     return record
 
 
-def _check_adapter(tokenizer: Any, folder: Path) -> None:
-    """Refuse to write a bundle whose tokenizer.json does not reproduce the HF tokenizer."""
+def _check_adapter(tokenizer: Any, folder: Path, plain: bool = False) -> None:
+    """Refuse to write a bundle whose tokenizer.json does not reproduce the HF tokenizer.
+
+    ``plain``: also check plain-text encoding (pairs, token types, longest-first truncation), which
+    a standard fine-tuned model's bundle uses instead of the prompt.
+    """
     adapter = BundleTokenizer.from_folder(folder, tokenizer_record(tokenizer))
     for text in _PROBES:
         for special in (False, True):
@@ -104,6 +146,18 @@ def _check_adapter(tokenizer: Any, folder: Path) -> None:
             got = adapter(text, add_special_tokens=special)["input_ids"]
             if want != got:
                 raise ValueError(f"tokenizer.json encodes {text!r} as {got}, the model's tokenizer as {want}: this tokenizer cannot be bundled")
+    if not plain:
+        return
+    firsts, seconds = list(_PROBES[1:]), list(reversed(_PROBES[1:]))
+    for pair in (None, seconds):
+        for max_length in (7, 64):
+            kwargs = dict(truncation=True, max_length=max_length, return_token_type_ids=True)
+            want = tokenizer(firsts, pair, **kwargs)
+            got = adapter(firsts, pair, **kwargs)
+            want_types = want.get("token_type_ids") or [[0] * len(ids) for ids in want["input_ids"]]
+            if [list(x) for x in want["input_ids"]] != got["input_ids"] or [list(x) for x in want_types] != got["token_type_ids"]:
+                raise ValueError(f"tokenizer.json encodes text pairs (max_length {max_length}) unlike the model's tokenizer: "
+                                 "this fine-tuned model's tokenizer cannot be bundled")
 
 
 # -- manifest -----------------------------------------------------------------------------
@@ -223,7 +277,7 @@ def write_bundle(
         info["graph"] = ox.GRAPH_FILE
         info["inputs"] = input_names
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        _check_adapter(model.tokenizer, tmp / TOKENIZER_DIR)
+        _check_adapter(model.tokenizer, tmp / TOKENIZER_DIR, plain=model.method == "finetune")
         config = model.metadata() | {"tokenizer": tokenizer_record(model.tokenizer), "pad_token_id": model.pad_token_id, "inputs": input_names}
         write_json_atomic(tmp / CONFIG, config)
         if torch_weights:
@@ -276,13 +330,24 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
         raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
     runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
     encode = prompt.encode
+    finetuned = config.get("method") == "finetune"
+    if finetuned:  # standard fine-tuning reads the plain text, not the prompt
+        from fsserve.plain_inputs import encode_plain
+
+        max_length = int(prompt_config.max_length)
+        num_sentences = prompt.template.num_sentences
+
+        def encode(examples: Sequence[Any]) -> list[Any]:
+            """Plain-text inputs, as the fine-tuned model was trained on."""
+            return encode_plain(tokenizer, examples, num_sentences, max_length, config["kind"])
     if config["manifest"].get("demos"):
         from fsserve.config import DemoConfig
         from fsserve.demo_prompts import demo_encoder
 
         demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
         encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
-    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range, prompt.template.num_sentences, batch_size)
+    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range,
+                     prompt.template.num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
 
 
 def load_bundle_demos(path: str | Path) -> Any:

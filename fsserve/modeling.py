@@ -18,7 +18,7 @@ from torch import nn
 
 from fsserve.config import ADAPTATION_METHODS, DemoConfig, PromptConfig
 from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts
-from fsserve.prompts import Encoded, Prompt, example_texts
+from fsserve.prompts import Encoded, Prompt
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -254,19 +254,9 @@ class PromptModel(nn.Module):
             return self.demo_prompt.encode(examples, self.demo_index.demos(chosen))
         if self.method == "prompt":
             return self.prompt.encode(examples)
-        needed = self.prompt.template.num_sentences
-        rows = [example_texts(ex, needed) for ex in examples]
-        firsts = [r[0] for r in rows]
-        seconds = [r[1] for r in rows] if needed > 1 else None
-        enc = self.tokenizer(
-            firsts, seconds, truncation=True, max_length=self.prompt_config.max_length, return_token_type_ids=True
-        )
-        out = []
-        for i, ids in enumerate(enc["input_ids"]):
-            types = enc.get("token_type_ids", [[0] * len(ids)] * len(rows))[i]
-            answer = 0 if self.kind == "mlm" else len(ids) - 1
-            out.append(Encoded(input_ids=list(ids), token_type_ids=list(types), answer_pos=answer))
-        return out
+        from fsserve.plain_inputs import encode_plain
+
+        return encode_plain(self.tokenizer, examples, self.prompt.template.num_sentences, self.prompt_config.max_length, self.kind)
 
     def collate(self, encoded: Sequence[Encoded], pad_side: str = "right") -> dict[str, torch.Tensor]:
         """Pad a batch into tensors: input_ids, attention_mask, answer_pos (and token_type_ids)."""
