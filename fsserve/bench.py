@@ -77,6 +77,7 @@ class BenchConfig:
     int8_mode: str = "dynamic"
     per_channel: bool = False
     int8_exclude: tuple[str, ...] = ()
+    int8_nodes: tuple[str, ...] = ()  # quantise only the MatMuls whose names contain one of these
     seed: int = 0
     progress: bool = True
 
@@ -271,7 +272,8 @@ def run_bench(source: str | Path, cfg: BenchConfig | None = None, out_dir: str |
     names, skipped = _pick_backends(cfg)
     subject = load_subject(source, out / "graphs")
     if any(n.startswith("onnx") for n in names) or cfg.agreement:
-        ensure_graphs(subject, "onnx-int8" in names or bool(cfg.agreement), cfg.int8_mode, cfg.per_channel, cfg.int8_exclude)
+        ensure_graphs(subject, "onnx-int8" in names or bool(cfg.agreement), cfg.int8_mode, cfg.per_channel, cfg.int8_exclude,
+                      cfg.int8_nodes)
     if cfg.dtype != "float32":  # after the graphs, which are exported from the fp32 weights
         import torch
 

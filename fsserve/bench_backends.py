@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ def _atomic_graph(target: Path, write: Callable[[Path], Any]) -> Any:
 
 
 def ensure_graphs(subject: Subject, need_int8: bool, int8_mode: str = "dynamic", per_channel: bool = False,
-                  exclude_op_types: tuple[str, ...] = ()) -> dict[str, Path]:
+                  exclude_op_types: tuple[str, ...] = (), only_nodes: tuple[str, ...] = ()) -> dict[str, Path]:
     """Make the fp32 graph (exported, validated) and the int8 graph (quantised) the bench needs, cached by model identity."""
     from fsserve.exporters import onnx as ox
 
@@ -265,16 +266,18 @@ def ensure_graphs(subject: Subject, need_int8: bool, int8_mode: str = "dynamic",
 
             subject.notes["fp32_validation"] = _atomic_graph(fp32, export)
         subject.graphs["fp32"] = fp32
-    recipe = f"{int8_mode}{'-pc' if per_channel else ''}{''.join('-no' + op for op in exclude_op_types)}"
+    recipe = (f"{int8_mode}{'-pc' if per_channel else ''}{''.join('-no' + op for op in exclude_op_types)}"
+              f"{''.join('-only-' + re.sub(r'[^A-Za-z0-9_]', '_', n) for n in only_nodes)}")
+    wanted = {"mode": int8_mode, "per_channel": per_channel, "excluded": list(exclude_op_types)} | ({"only_nodes": list(only_nodes)} if only_nodes else {})
     bundled = subject.notes.get("bundle", {})
-    same_recipe = bundled.get("quantization") in (None, {"mode": int8_mode, "per_channel": per_channel, "excluded": list(exclude_op_types)})
+    same_recipe = bundled.get("quantization") in (None, wanted)
     if need_int8 and ("int8" not in subject.graphs or not same_recipe):
         int8 = cache / f"int8-{recipe}.onnx"
         if not int8.is_file():
             logger.info("quantising %s to int8 (%s) at %s", subject.graphs["fp32"], recipe, int8)
-            _atomic_graph(int8, lambda tmp: ox.quantize_int8(subject.graphs["fp32"], tmp, int8_mode, per_channel, exclude_op_types))
+            _atomic_graph(int8, lambda tmp: ox.quantize_int8(subject.graphs["fp32"], tmp, int8_mode, per_channel, exclude_op_types, only_nodes))
         subject.graphs["int8"] = int8
-    subject.notes["int8_recipe"] = {"mode": int8_mode, "per_channel": per_channel, "excluded": list(exclude_op_types)}
+    subject.notes["int8_recipe"] = wanted
     return subject.graphs
 
 

@@ -235,6 +235,7 @@ def write_bundle(
     int8_mode: str = "auto",
     per_channel: bool = False,
     exclude_op_types: Sequence[str] = (),
+    int8_nodes: Sequence[str] = (),
     torch_weights: bool = True,
     demos: Any = None,
     atol: float | None = None,
@@ -261,7 +262,7 @@ def write_bundle(
         if quantize or fp16:
             if quantize:
                 mode = ox.default_int8_mode(model) if int8_mode == "auto" else int8_mode
-                info["quantization"] = ox.quantize_int8(fp32, graph, mode, per_channel, exclude_op_types)
+                info["quantization"] = ox.quantize_int8(fp32, graph, mode, per_channel, exclude_op_types, int8_nodes)
             else:
                 ox.convert_fp16(fp32, graph)
             if validation_texts is not None:

@@ -65,6 +65,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only"], help="how the int8 graph is made when the bundle has none")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-exclude", type=_name_list, default=(), help="op types left in fp32, e.g. Gather")
+    p.add_argument("--int8-nodes", type=_name_list, default=(), help="quantise only the MatMuls whose name contains one of these, e.g. down_proj")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md, bench.png and cached graphs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_bench_command)
@@ -102,6 +103,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         int8_mode=args.int8_mode,
         per_channel=args.per_channel,
         int8_exclude=tuple(args.int8_exclude),
+        int8_nodes=tuple(args.int8_nodes),
         progress=not args.no_progress,
     )
     record = run_bench(args.model, cfg, out_dir=args.out)

@@ -29,6 +29,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation, for CPU serving")
     p.add_argument("--int8-mode", default="auto", choices=["auto", "dynamic", "weight-only"], help="auto: weight-only for decoders, dynamic for encoders")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
+    p.add_argument("--int8-nodes", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
+                   help="int8: quantise only the MatMuls whose name contains one of these (comma-separated, e.g. down_proj)")
     p.add_argument("--fp16", action="store_true", help="half-precision graph, for GPU serving")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline transformer fusions")
@@ -55,6 +57,7 @@ def run_export(args: argparse.Namespace) -> int:
         "fp16": args.fp16,
         "int8_mode": args.int8_mode,
         "per_channel": args.per_channel,
+        "int8_nodes": args.int8_nodes,
         "torch_weights": not args.no_torch_weights,
     }
     if args.no_optimize:

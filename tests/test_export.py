@@ -117,6 +117,26 @@ def test_int8_weight_only_mode_keeps_activations_in_float(tiny_lm: Any, tmp_path
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(path / "model.onnx")).graph.node)
 
 
+@pytest.mark.parametrize("mode,quantized_op", [("weight-only", "MatMulNBits"), ("dynamic", "MatMulInteger")])
+def test_int8_only_nodes_quantises_just_the_named_projections(tiny_lm: Any, tmp_path: Path, mode: str, quantized_op: str) -> None:
+    """int8_nodes=("down_proj",): those MatMuls are int8, every other projection (and the embedding) stays fp32."""
+    model = _model(tiny_lm, "gemma")
+    path = model.export(tmp_path / mode, quantize="int8", int8_mode=mode, int8_nodes=("down_proj",), torch_weights=False, optimize=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["quantization"]["only_nodes"] == ["down_proj"]
+    nodes = onnx.load(str(path / "model.onnx")).graph.node
+    quantized = [n.name for n in nodes if n.op_type == quantized_op]
+    assert len(quantized) == model.lm.config.num_hidden_layers and all("down_proj" in n for n in quantized)
+    assert any(n.op_type == "MatMul" and "q_proj" in n.name for n in nodes)
+    model_proto = onnx.load(str(path / "model.onnx"))
+    floats = {i.name for i in model_proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    embedding = [n for n in nodes if n.op_type == "Gather" and "embed_tokens" in n.name]
+    assert embedding and all(n.input[0] in floats for n in embedding)  # the full dynamic recipe makes this table uint8
+    assert manifest["agreement_with_fp32"]["agreement"] >= 0.95
+    with pytest.raises(ValueError, match="no MatMul/Gemm node"):
+        model.export(tmp_path / "none", quantize="int8", int8_nodes=("no_such_projection",), torch_weights=False, optimize=False)
+
+
 def test_fp16_export_keeps_float32_io_and_agrees(tiny_lm: Any, tmp_path: Path) -> None:
     model = _model(tiny_lm, "bert")
     path = model.export(tmp_path / "fp16", fp16=True, torch_weights=False)
