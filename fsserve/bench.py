@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.bench_backends import ALL_BACKENDS, BASELINE, CPU_DEFAULT, GPU_DEFAULT, BenchBackend, PeakMemory, Subject
+from fsserve.bench_backends import ALL_BACKENDS, BASELINE, CPU_DEFAULT, GPU_DEFAULT, BenchBackend, Subject
+from fsserve.bench_memory import PeakMemory
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from fsserve.bench import BenchConfig, cell_rows, summarize, time_cell
-from fsserve.bench_backends import BenchBackend, PeakMemory, Subject
+from fsserve.bench_backends import BenchBackend, Subject
+from fsserve.bench_memory import PeakMemory
 
 
 def demo_pool(subject: Subject) -> tuple[Any, str]:

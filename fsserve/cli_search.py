@@ -97,7 +97,7 @@ def run_search_labels(args: argparse.Namespace) -> int:
 def run_search_templates(args: argparse.Namespace) -> int:
     """Generate templates (T5 spans or decoder continuations) for the label words and print the best."""
     from fsserve.config import PromptConfig
-    from fsserve.search import decoder_templates, t5_templates
+    from fsserve.template_search import decoder_templates, t5_templates
 
     model, train, dev, metric = _setup(args)
     base = model.prompt_config

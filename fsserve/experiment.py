@@ -243,7 +243,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         record["test"] = trainer.evaluate(test)["score"]
     elif cell.method == "in-context":
         from fsserve.baselines import in_context_logits
-        from fsserve.data import compute_metric
+        from fsserve.metrics import compute_metric
 
         logits, sizes = in_context_logits(model, train, test, seed=cell.seed, max_examples=config.context_examples,
                                           batch_size=config.eval_batch_size)

@@ -183,7 +183,7 @@ class Trainer:
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, Any]:
         """Score examples with the task metric; returns the score and the predictions."""
-        from fsserve.data import compute_metric
+        from fsserve.metrics import compute_metric
 
         logits = self.model.predict_logits(examples, batch_size=self.args.eval_batch_size)
         _, predictions = self.model.scores_to_predictions(logits)

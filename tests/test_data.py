@@ -11,7 +11,6 @@ import pytest
 from fsserve.data import (
     TASKS,
     Example,
-    compute_metric,
     default_data_dir,
     get_task,
     load_examples,
@@ -20,6 +19,7 @@ from fsserve.data import (
     regression_class,
     sample_kshot,
 )
+from fsserve.metrics import compute_metric
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 

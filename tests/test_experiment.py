@@ -12,7 +12,8 @@ import pytest
 from fsserve.baselines import InContextPrompt
 from fsserve.cli_experiment import add_experiment_parser, config_from_args, main
 from fsserve.config import PromptConfig
-from fsserve.data import Example, compute_metric
+from fsserve.data import Example
+from fsserve.metrics import compute_metric
 from fsserve.experiment import (
     Cell, ExperimentConfig, cache_path, cell_settings, demo_eval_mode, iter_cells, run_cell, run_experiment,
 )

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fsserve import search
+from fsserve import search, template_search
 from fsserve.config import PromptConfig, TrainingArguments
 from fsserve.data import Example
 from fsserve.modeling import PromptModel
@@ -107,7 +107,7 @@ def test_label_search_refuses_bad_input(tiny_lm: Any) -> None:
 def test_decoder_template_search_scores_the_label_word_after_the_span(tiny_lm: Any) -> None:
     model = _model(tiny_lm, "gpt2", classes=2)
     examples = _examples(2)[:6]
-    found = search.decoder_templates(model, examples, beam_width=3, max_tokens=2, num_templates=6)
+    found = template_search.decoder_templates(model, examples, beam_width=3, max_tokens=2, num_templates=6)
     assert 1 < len(found) <= 6 and [c.score for c in found] == sorted((c.score for c in found), reverse=True)
     for cand in found:
         parsed = Template.parse(cand.template)
@@ -119,24 +119,24 @@ def test_decoder_template_search_scores_the_label_word_after_the_span(tiny_lm: A
     gold = torch.tensor([plain.prompt.label_word_ids[int(ex.label)] for ex in examples])
     assert empty.score == pytest.approx(float(logp[torch.arange(len(examples)), gold].sum()), rel=1e-4)
     # Scores are sums over the training set: the same examples twice give the same templates at twice the score.
-    doubled = search.decoder_templates(model, examples * 2, beam_width=3, max_tokens=2, num_templates=6)
+    doubled = template_search.decoder_templates(model, examples * 2, beam_width=3, max_tokens=2, num_templates=6)
     assert [c.template for c in doubled] == [c.template for c in found]
     assert [c.score for c in doubled] == pytest.approx([2 * c.score for c in found], rel=1e-4)
 
 
 def test_template_text_never_holds_control_or_sentinel_tokens(gemma_tokenizer: Any, tiny_lm: Any) -> None:
-    banned = search._banned_tokens(gemma_tokenizer, len(gemma_tokenizer))
+    banned = template_search._banned_tokens(gemma_tokenizer, len(gemma_tokenizer))
     ids = gemma_tokenizer.convert_tokens_to_ids(["<start_of_image>", "<unused3>", "<0x0A>", "<eos>", "▁It", "▁was"])
     assert banned[ids].tolist() == [True, True, True, True, False, False]
     _, minilm = tiny_lm("bert")
-    assert bool(search._banned_tokens(minilm, len(minilm))[minilm.cls_token_id])
+    assert bool(template_search._banned_tokens(minilm, len(minilm))[minilm.cls_token_id])
 
 
 def test_decoder_template_search_refuses_encoders_and_bad_forms(tiny_lm: Any) -> None:
     with pytest.raises(ValueError, match="decoder LM"):
-        search.decoder_templates(_model(tiny_lm, "bert", 2), _examples(2))
+        template_search.decoder_templates(_model(tiny_lm, "bert", 2), _examples(2))
     with pytest.raises(ValueError, match="must end with"):
-        search.decoder_templates(_model(tiny_lm, "gpt2", 2), _examples(2), form="<extra_id_0> {sent_0} {mask}")
+        template_search.decoder_templates(_model(tiny_lm, "gpt2", 2), _examples(2), form="<extra_id_0> {sent_0} {mask}")
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +160,17 @@ def test_t5_template_search_returns_parseable_templates_with_one_mask(tiny_t5: t
     t5, tokenizer = tiny_t5
     examples = _examples(2)[:6]
     words = {"0": "terrible", "1": "great"}
-    found = search.t5_templates(t5, tokenizer, examples, words, beam_width=4, max_tokens=5, num_templates=5)
+    found = template_search.t5_templates(t5, tokenizer, examples, words, beam_width=4, max_tokens=5, num_templates=5)
     assert 0 < len(found) <= 5
     assert len({c.template for c in found}) == len(found)
     for cand in found:
         parsed = Template.parse(cand.template)
         assert sum(p.kind == "mask" for p in parsed.parts) == 1 and parsed.num_sentences == 1
         assert "extra_id" not in cand.template
-    doubled = search.t5_templates(t5, tokenizer, examples * 2, words, beam_width=4, max_tokens=5, num_templates=5)
+    doubled = template_search.t5_templates(t5, tokenizer, examples * 2, words, beam_width=4, max_tokens=5, num_templates=5)
     assert [c.score for c in doubled] == pytest.approx([2 * c.score for c in found], rel=1e-4)
     with pytest.raises(ValueError, match="extra_id"):
-        search.t5_templates(t5, tokenizer, examples, words, form="{sent_0} {mask}")
+        template_search.t5_templates(t5, tokenizer, examples, words, form="{sent_0} {mask}")
 
 
 def test_ranking_by_fine_tuning_leaves_the_base_lm_untouched(tiny_lm: Any) -> None:
@@ -183,7 +183,7 @@ def test_ranking_by_fine_tuning_leaves_the_base_lm_untouched(tiny_lm: Any) -> No
     args = TrainingArguments(max_steps=2, learning_rate=1e-3, batch_size=4, progress=False)
     tuned = search.score_prompts(model, configs, examples, examples, args)
     torch.testing.assert_close(model.predict_logits(examples[:4]), before)
-    ranked = search.rerank([search.TemplateCandidate(c.template, 0.0) for c in configs], tuned)
+    ranked = search.rerank([template_search.TemplateCandidate(c.template, 0.0) for c in configs], tuned)
     assert [c.dev_score for c in ranked] == sorted(tuned, reverse=True)
 
 

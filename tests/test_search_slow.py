@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fsserve import search
+from fsserve import search, template_search
 from fsserve.config import PromptConfig
 from fsserve.ensemble import PromptEnsemble
 from fsserve.prompts import Template
@@ -42,7 +42,7 @@ def test_label_search_on_gemma_fits_the_training_set_with_single_token_words(sst
 
 def test_decoder_template_search_on_gemma_and_an_ensemble_of_its_best(sst2: tuple[Any, list[Any], list[Any]]) -> None:
     model, train, dev = sst2
-    found = search.decoder_templates(model, train[:8] + train[-8:], beam_width=4, max_tokens=3, num_templates=4)
+    found = template_search.decoder_templates(model, train[:8] + train[-8:], beam_width=4, max_tokens=3, num_templates=4)
     assert found and all(Template.parse(c.template).parts[-1].kind == "mask" for c in found)
     prompts = [MANUAL, PromptConfig(found[0].template, MANUAL.label_words)]
     ensemble = PromptEnsemble.from_prompts(model, prompts)
