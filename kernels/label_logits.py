@@ -265,7 +265,7 @@ def label_logits(
         logger.debug("label_logits: backend=%s (device %s)", backend, hidden.device)
     if backend == "torch":
         result = reference_logits(hidden, answer_pos, label_weight, label_bias, transform, word_to_class,
-                            log_softmax, num_labels)
+                                  log_softmax, num_labels)
         if out is None:
             return result
         check_out(out, hidden, num_labels)
