@@ -27,7 +27,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a folder written by `fsserve train` / PromptModel.save_pretrained")
     p.add_argument("out_dir", help="the bundle folder to write (replaced atomically if it exists)")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation, for CPU serving")
-    p.add_argument("--int8-mode", default="auto", choices=["auto", "dynamic", "weight-only"], help="auto: weight-only for decoders, dynamic for encoders")
+    p.add_argument("--int8-mode", default="auto", choices=["auto", "dynamic", "weight-only"], help="auto = dynamic (int8 arithmetic: the fast one); weight-only keeps float activations "
+                   "(slower on CPU, pair it with --int8-nodes for fidelity)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-nodes", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
                    help="int8: quantise only the MatMuls whose name contains one of these (comma-separated, e.g. down_proj)")

@@ -110,7 +110,7 @@ def test_int8_export_runs_and_reports_agreement(tiny_lm: Any, tmp_path: Path) ->
 
 def test_int8_weight_only_mode_keeps_activations_in_float(tiny_lm: Any, tmp_path: Path) -> None:
     model = _model(tiny_lm, "gpt2")
-    path = model.export(tmp_path / "w8", quantize="int8", torch_weights=False, optimize=False)  # auto: weight-only for decoders
+    path = model.export(tmp_path / "w8", quantize="int8", int8_mode="weight-only", torch_weights=False, optimize=False)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "weight-only"
     assert manifest["agreement_with_fp32"]["agreement"] >= 0.95
