@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fsserve.published import PAPER, published_rows, published_table
 from fsserve.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -100,15 +101,20 @@ def plot_results(rows: list[dict[str, Any]], tasks: list[str], methods: list[str
 
 
 def write_reports(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write results.json (settings, every cell, the summary), results.md (the table) and results.png."""
+    """Write results.json (settings, cells, summary, LM-BFF's published cells), results.md (ours, then theirs) and results.png."""
     out = Path(config.out_dir)
     rows = summarize(records)
     table = markdown_table(rows, config.tasks, config.methods, len(config.seeds))
-    report = {"config": config.to_dict(), "summary": rows, "cells": records, "table": table}
+    theirs = published_table(config.tasks, config.methods)
+    report = {"config": config.to_dict(), "summary": rows, "cells": records, "table": table,
+              "published": {"paper": PAPER, "cells": published_rows(config.tasks, config.methods)}}
     write_json_atomic(out / "results.json", report)
     text = ("# LM-BFF protocol results\n\n"
-            f"Model `{config.model}`, k={config.k}, seeds {config.seeds}; test score ×100, mean (std) over seeds, "
-            "each seed's setting chosen by dev. Settings: see results.json.\n\n" + table)
+            f"**Ours**: model `{config.model}`, k={config.k}, seeds {config.seeds}; test score ×100, mean (std) over "
+            "seeds, each seed's setting chosen by dev. Settings: see results.json.\n\n" + table)
+    if theirs:
+        text += (f"\n**Theirs** (not run here): {PAPER}. Cells no source could confirm are marked so; "
+                 "where each number was read: `fsserve/published.py`.\n\n" + theirs)
     tmp = out / f".results.md.{os.getpid()}.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out / "results.md")

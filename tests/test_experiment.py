@@ -95,6 +95,11 @@ def test_protocol_end_to_end_resumes_after_an_interruption(tiny_lm, kshot: Path,
     assert json.loads((out / "results.json").read_text())["config"]["max_steps"] == 2
     md = (out / "results.md").read_text()
     assert "| prompt |" in md and "SST-2 (acc)" in md and "RTE (acc)" in md
+    ours, theirs = md.split("**Theirs**")  # ours first, LM-BFF's published numbers after, each marked
+    assert "*theirs*" not in ours and "| *theirs* Prompt-based FT (man) | 92.7 (0.9) | 69.1 (3.6) |" in theirs
+    assert "| *theirs* Fine-tuning | 81.4 (3.8) | 54.4 (3.9) |" in theirs
+    published = json.loads((out / "results.json").read_text())["published"]
+    assert {(c["task"], c["method"]) for c in published["cells"]} == {(t, m) for t in ("SST-2", "RTE") for m in ("prompt", "finetune")}
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again: list[Cell] = []
