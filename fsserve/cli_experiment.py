@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,9 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--demo-encoder", help="sentence-transformers model (default: all-MiniLM-L6-v2)")
     g.add_argument("--context-length", type=int, default=512, help="in-context: tokens the context and query may fill")
     g.add_argument("--context-examples", type=int, default=32, help="in-context: at most this many examples (LM-BFF: 32)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the cells on this machine (each claims a cell before computing it; the "
+                        "CPU threads are split between them). Running the same command in several shells works too.")
     p.set_defaults(func=run_experiment_command)
     return p
 
@@ -83,15 +89,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def run_experiment_command(args: argparse.Namespace) -> int:
-    """Run the protocol, printing one line per cell, then the table and where the reports are."""
-    from fsserve.experiment import iter_cells, run_experiment
-
-    config = config_from_args(args)
-    total = sum(1 for _ in iter_cells(config))
+def _progress(total: int) -> Any:
+    """A per-cell callback that prints one progress line (computed cells show their time, others 'cached')."""
     done = 0
 
-    def progress(cell: Any, record: dict[str, Any], cached: bool) -> None:
+    def show(cell: Any, record: dict[str, Any], cached: bool) -> None:
         nonlocal done
         done += 1
         dev = "" if record.get("dev") is None else f" dev {100 * record['dev']:.1f}"
@@ -100,11 +102,66 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {cell.task} {cell.method} seed {cell.seed}{grid}:{dev} test {100 * record['test']:.1f} "
               f"({record['metric']}, n={record['n_test']}) [{how}]", flush=True)
 
-    report = run_experiment(config, on_cell=progress)
+    return show
+
+
+def _start_workers(config: Any, extra: int) -> list[tuple[subprocess.Popen, Path]]:
+    """Start ``extra`` helper processes on the same experiment, logging to ``<out>/worker-<i>.log``."""
+    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    code = "import sys; from fsserve.cli_experiment import worker_main; sys.exit(worker_main(sys.argv[1]))"
+    workers = []
+    for i in range(1, extra + 1):
+        log = out / f"worker-{i}.log"
+        with log.open("w", encoding="utf-8") as f:
+            proc = subprocess.Popen([sys.executable, "-c", code, config.to_json()], stdout=f, stderr=subprocess.STDOUT, env=env)
+        workers.append((proc, log))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)  # this process is one of the workers too
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    return workers
+
+
+def worker_main(config_json: str) -> int:
+    """Entry point of a helper started by ``--workers``: run the same experiment, claiming free cells."""
+    import json
+
+    from fsserve.experiment import ExperimentConfig, iter_cells, run_experiment
+
+    logging.basicConfig(level=logging.WARNING)
+    config = ExperimentConfig.from_dict(json.loads(config_json))
+    run_experiment(config, on_cell=_progress(sum(1 for _ in iter_cells(config))))
+    return 0
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Run the protocol, printing one line per cell, then the table and where the reports are."""
+    from fsserve.experiment import iter_cells, run_experiment
+
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    config = config_from_args(args)
+    workers = _start_workers(config, args.workers - 1) if args.workers > 1 else []
+    try:
+        report = run_experiment(config, on_cell=_progress(sum(1 for _ in iter_cells(config))))
+    except BaseException:
+        for proc, _ in workers:  # an interrupted run stops its helpers; their finished cells stay cached
+            proc.terminate()
+        raise
+    failed = [log for proc, log in workers if proc.wait() != 0]
     print()
     print(report["table"], end="")
     out = Path(config.out_dir)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    if failed:
+        print(f"a helper worker failed (its cells were taken over): see {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
     return 0
 
 

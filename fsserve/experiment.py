@@ -6,6 +6,8 @@ score, and the test split is scored with the task's metric. Every grid point of 
 as its own JSON file, named by a hash of everything that decides its result (model, data files,
 steps, learning rate, ...), so an interrupted run resumes where it stopped and a finished cell is
 never recomputed; changing a setting starts a fresh cell beside the old one.
+Several processes may share one run (``fsserve experiment --workers N``, or the same command in
+several shells): each claims a cell before computing it (``fsserve.cell_lock``).
 
 Methods (LM-BFF, Table 3): ``zero-shot`` (the prompt, untrained), ``in-context`` (GPT-3 style,
 ``fsserve.baselines``), ``finetune`` (standard fine-tuning, a new head), ``prompt`` (prompt-based
@@ -20,6 +22,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,27 +302,57 @@ Runner = Callable[[ExperimentConfig, Cell], dict[str, Any]]
 
 
 def run_experiment(config: ExperimentConfig, runner: Runner | None = None,
-                   on_cell: Callable[[Cell, dict[str, Any], bool], None] | None = None) -> dict[str, Any]:
+                   on_cell: Callable[[Cell, dict[str, Any], bool], None] | None = None,
+                   poll_seconds: float = 5.0) -> dict[str, Any]:
     """Run (or resume) every cell, then write results.json, results.md and results.png into ``out_dir``.
 
     ``runner`` computes one cell (default :func:`run_cell`); ``on_cell(cell, record, cached)`` is called
-    after each cell (the CLI prints progress with it).
+    after each cell (the CLI prints progress with it). Several processes may run the same experiment at
+    once: each claims a cell before computing it (``fsserve.cell_lock``), skips cells another worker
+    holds, and at the end waits (polling every ``poll_seconds``) for their results, or takes a cell over
+    if its worker died.
     """
+    from fsserve.cell_lock import release, try_claim
     from fsserve.experiment_report import write_reports
 
     runner = runner or run_cell
-    records = []
-    for cell in iter_cells(config):
+    records: dict[int, dict[str, Any]] = {}
+
+    def compute(i: int, cell: Cell, settings: dict[str, Any], path: Path, lock: Path) -> None:
+        try:
+            if path.is_file():  # finished by another worker between our look and our claim
+                records[i] = json.loads(path.read_text(encoding="utf-8"))
+                cached = True
+            else:
+                logger.info("running %s / %s / seed %d (lr %g, batch %d)", cell.task, cell.method, cell.seed,
+                            cell.learning_rate, cell.batch_size)
+                records[i] = {"settings": settings, **runner(config, cell)}
+                write_json_atomic(path, records[i])
+                cached = False
+        finally:
+            release(lock)
+        if on_cell is not None:
+            on_cell(cell, records[i], cached)
+
+    def settle(i: int, cell: Cell, settings: dict[str, Any], path: Path, lock: Path) -> bool:
+        """Read the cell's result or compute it; False while another live worker holds it."""
+        if path.is_file():
+            records[i] = json.loads(path.read_text(encoding="utf-8"))
+            if on_cell is not None:
+                on_cell(cell, records[i], True)
+        elif try_claim(lock):
+            compute(i, cell, settings, path, lock)
+        else:
+            return False
+        return True
+
+    pending = []
+    for i, cell in enumerate(iter_cells(config)):
         settings = cell_settings(config, cell)
         path = cache_path(config, settings)
-        cached = path.is_file()
-        if cached:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            logger.info("running %s / %s / seed %d (lr %g, batch %d)", cell.task, cell.method, cell.seed, cell.learning_rate, cell.batch_size)
-            record = {"settings": settings, **runner(config, cell)}
-            write_json_atomic(path, record)
-        records.append(record)
-        if on_cell is not None:
-            on_cell(cell, record, cached)
-    return write_reports(config, records)
+        pending.append((i, cell, settings, path, path.with_suffix(".lock")))
+    pending = [item for item in pending if not settle(*item)]
+    while pending:  # cells another worker is computing: take its result, or the cell if it died
+        time.sleep(poll_seconds)
+        pending = [item for item in pending if not settle(*item)]
+    return write_reports(config, [records[i] for i in sorted(records)])
