@@ -3,7 +3,8 @@
 A worker claims a cell by creating ``<cell>.lock`` with ``O_CREAT | O_EXCL`` (atomic on a local or
 NFS-v3+ file system), writes its pid and host into it, and deletes it when the cell's JSON is written.
 Another worker that finds the lock waits for the JSON, or takes the cell over when the holder is gone:
-a lock whose process no longer exists on this host is stale (its worker was killed). A lock held from
+a lock whose process no longer exists on this host, or whose pid now names a process started after
+the claim (the pid was reused), is stale (its worker was killed). A lock held from
 another host is taken as live, since its pid cannot be checked from here.
 
 Two workers that find the same stale lock at the same moment may both compute that cell; the result
@@ -50,8 +51,22 @@ def holder_alive(lock: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
-    return True
+        pass
+    started = process_start_time(pid)
+    since = info.get("since")
+    # A process younger than the claim only shares the dead holder's pid (reused): waiting on it would hang.
+    return started is None or not isinstance(since, (int, float)) or started <= since + 2.0
+
+
+def process_start_time(pid: int) -> float | None:
+    """When a process started (Unix time) from Linux's /proc, or None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after "pid (comm)"
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def try_claim(lock: Path) -> bool:

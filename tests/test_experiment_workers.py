@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fsserve.cell_lock import holder_alive, release, try_claim
+from fsserve.cell_lock import holder_alive, process_start_time, release, try_claim
 from fsserve.experiment import Cell, ExperimentConfig, cache_path, cell_settings, iter_cells, run_experiment
 
 from test_experiment import _write_kshot
@@ -111,6 +111,20 @@ def test_claims_are_exclusive_and_unreadable_fresh_locks_count_as_live(tmp_path:
     assert not holder_alive(lock) and try_claim(lock)
     lock.write_text(json.dumps({"pid": 1, "host": "another-machine", "since": 0}))
     assert holder_alive(lock)  # a pid on another host cannot be checked: wait for it
+
+
+def test_a_reused_pid_does_not_keep_a_dead_workers_claim_alive(tmp_path: Path) -> None:
+    lock = tmp_path / "cell.lock"
+    newcomer = subprocess.Popen(["sleep", "30"])  # alive, but started long after the claim was written
+    try:
+        started = process_start_time(newcomer.pid)
+        assert started is not None and abs(started - time.time()) < 60
+        lock.write_text(json.dumps({"pid": newcomer.pid, "host": socket.gethostname(), "since": time.time() - 3600}))
+        assert not holder_alive(lock) and try_claim(lock)
+        lock.write_text(json.dumps({"pid": newcomer.pid, "host": socket.gethostname(), "since": time.time()}))
+        assert holder_alive(lock)  # the same process claiming after it started is a live holder
+    finally:
+        newcomer.kill()
 
 
 def test_cli_workers_flag_runs_a_real_experiment_in_two_processes(tiny_lm_dir, root: Path, capsys) -> None:
