@@ -157,6 +157,12 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     failed = [log for proc, log in workers if proc.wait() != 0]
     print()
     print(report["table"], end="")
+    from fsserve.published import published_table
+
+    theirs = published_table(config.tasks, config.methods)
+    if theirs:
+        print("\nLM-BFF's published RoBERTa-large numbers (theirs, not run here; sources in fsserve/published.py):")
+        print(theirs, end="")
     out = Path(config.out_dir)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
     if failed:

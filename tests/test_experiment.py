@@ -225,5 +225,6 @@ def test_cli_parses_grids_and_runs_an_experiment(kshot: Path, tmp_path: Path, ca
                  "--model", "some-lm", "--out", str(tmp_path / "cli"), "--max-length", "64"])
     out = capsys.readouterr().out
     assert code == 0 and "[1/1] SST-2 zero-shot seed 13: test 62.5 (acc, n=8)" in out and "| zero-shot | 62.5 (0.0) |" in out
+    assert out.index("| zero-shot | 62.5 (0.0) |") < out.index("| *theirs* Prompt-based zero-shot | 83.6 |")
     assert seen[0].model == "some-lm" and seen[0].max_length == 64 and (tmp_path / "cli" / "results.png").is_file()
     assert main(["experiment", "--tasks", "SST-2", "--seeds", "5", "--data", str(kshot), "--out", str(tmp_path / "x")]) == 2
