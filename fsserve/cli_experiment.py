@@ -89,8 +89,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def _progress(total: int) -> Any:
+def _progress(config: Any) -> Any:
     """A per-cell callback that prints one progress line (computed cells show their time, others 'cached')."""
+    from fsserve.experiment import iter_cells
+
+    total = sum(1 for _ in iter_cells(config))
     done = 0
 
     def show(cell: Any, record: dict[str, Any], cached: bool) -> None:
@@ -105,9 +108,8 @@ def _progress(total: int) -> Any:
     return show
 
 
-def _start_workers(config: Any, extra: int) -> list[tuple[subprocess.Popen, Path]]:
-    """Start ``extra`` helper processes on the same experiment, logging to ``<out>/worker-<i>.log``."""
-    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
+def _start_workers(config: Any, extra: int, threads: int) -> list[tuple[subprocess.Popen, Path]]:
+    """Start ``extra`` helper processes on the same experiment, ``threads`` each, logging to ``<out>/worker-<i>.log``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,12 +120,6 @@ def _start_workers(config: Any, extra: int) -> list[tuple[subprocess.Popen, Path
         with log.open("w", encoding="utf-8") as f:
             proc = subprocess.Popen([sys.executable, "-c", code, config.to_json()], stdout=f, stderr=subprocess.STDOUT, env=env)
         workers.append((proc, log))
-    try:
-        import torch
-
-        torch.set_num_threads(threads)  # this process is one of the workers too
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
     return workers
 
 
@@ -131,25 +127,31 @@ def worker_main(config_json: str) -> int:
     """Entry point of a helper started by ``--workers``: run the same experiment, claiming free cells."""
     import json
 
-    from fsserve.experiment import ExperimentConfig, iter_cells, run_experiment
+    from fsserve.experiment import ExperimentConfig, run_experiment
 
     logging.basicConfig(level=logging.WARNING)
     config = ExperimentConfig.from_dict(json.loads(config_json))
-    run_experiment(config, on_cell=_progress(sum(1 for _ in iter_cells(config))))
+    run_experiment(config, on_cell=_progress(config))
     return 0
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     """Run the protocol, printing one line per cell, then the table and where the reports are."""
-    from fsserve.experiment import iter_cells, run_experiment
+    from fsserve.experiment import run_experiment
 
     if args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
     config = config_from_args(args)
-    workers = _start_workers(config, args.workers - 1) if args.workers > 1 else []
+    workers = []
+    if args.workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        workers = _start_workers(config, args.workers - 1, threads)
+        torch.set_num_threads(threads)  # this process is one of the workers too
     try:
-        report = run_experiment(config, on_cell=_progress(sum(1 for _ in iter_cells(config))))
+        report = run_experiment(config, on_cell=_progress(config))
     except BaseException:
         for proc, _ in workers:  # an interrupted run stops its helpers; their finished cells stay cached
             proc.terminate()

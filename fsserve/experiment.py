@@ -318,32 +318,25 @@ def run_experiment(config: ExperimentConfig, runner: Runner | None = None,
     runner = runner or run_cell
     records: dict[int, dict[str, Any]] = {}
 
-    def compute(i: int, cell: Cell, settings: dict[str, Any], path: Path, lock: Path) -> None:
-        try:
-            if path.is_file():  # finished by another worker between our look and our claim
-                records[i] = json.loads(path.read_text(encoding="utf-8"))
-                cached = True
-            else:
-                logger.info("running %s / %s / seed %d (lr %g, batch %d)", cell.task, cell.method, cell.seed,
-                            cell.learning_rate, cell.batch_size)
-                records[i] = {"settings": settings, **runner(config, cell)}
-                write_json_atomic(path, records[i])
-                cached = False
-        finally:
-            release(lock)
+    def settle(i: int, cell: Cell, settings: dict[str, Any], path: Path, lock: Path) -> bool:
+        """Read the cell's result, or claim and compute it; False while another live worker holds it."""
+        cached = True
+        if not path.is_file():
+            if not try_claim(lock):
+                return False
+            try:
+                if not path.is_file():  # another worker may have finished it between our look and our claim
+                    logger.info("running %s / %s / seed %d (lr %g, batch %d)", cell.task, cell.method, cell.seed,
+                                cell.learning_rate, cell.batch_size)
+                    records[i] = {"settings": settings, **runner(config, cell)}
+                    write_json_atomic(path, records[i])
+                    cached = False
+            finally:
+                release(lock)
+        if cached:
+            records[i] = json.loads(path.read_text(encoding="utf-8"))
         if on_cell is not None:
             on_cell(cell, records[i], cached)
-
-    def settle(i: int, cell: Cell, settings: dict[str, Any], path: Path, lock: Path) -> bool:
-        """Read the cell's result or compute it; False while another live worker holds it."""
-        if path.is_file():
-            records[i] = json.loads(path.read_text(encoding="utf-8"))
-            if on_cell is not None:
-                on_cell(cell, records[i], True)
-        elif try_claim(lock):
-            compute(i, cell, settings, path, lock)
-        else:
-            return False
         return True
 
     pending = []
