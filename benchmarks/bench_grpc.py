@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.bench import load_texts
-from fsserve.bench_report import machine_info, write_text_atomic
+from fsserve.bench.report import machine_info, write_text_atomic
+from fsserve.bench.run import load_texts
 from fsserve.utils.atomic import write_json_atomic
 
 MODEL_NAME = "bench"
@@ -48,7 +48,7 @@ class ServerProcess:
     """``fsserve serve`` in a child process on a free loopback port; stopped with SIGTERM (it drains)."""
 
     def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None) -> None:
-        command = [sys.executable, "-m", "fsserve.cli_serve", "serve", f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1",
+        command = [sys.executable, "-m", "fsserve", "serve", f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1",
                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(delay_ms), "--backend", backend,
                    "--max-queue-size", "1024"]
         env = dict(os.environ)

@@ -88,7 +88,7 @@ if [ -z "$MODEL" ]; then
     fi
 fi
 for dtype in float32 bfloat16; do
-    step "fsserve_bench_$dtype" 130 "$PY" -m fsserve.cli_bench bench "$MODEL" --device cuda --dtype "$dtype" \
+    step "fsserve_bench_$dtype" 130 "$PY" -m fsserve bench "$MODEL" --device cuda --dtype "$dtype" \
         --batch-sizes 1,8,32 --seq-lens 32,128 --cell-seconds 3 --budget 100 --no-progress --out "$OUT/bench_cuda_$dtype"
 done
 

@@ -286,17 +286,3 @@ def text_batches(model: Any, texts: Sequence[Any], batch_size: int = 32, pad_sid
         batch = model.collate(encoded[start : start + batch_size], pad_side=pad_side)
         out.append({k: v.numpy() for k, v in batch.items()})
     return out
-
-
-def export_bundle(model: Any, directory: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
-    """Write the validated graph and everything the Predictor needs into a bundle folder (see fsserve.bundle)."""
-    if format == "tensorrt":
-        from fsserve.exporters.tensorrt import require_tensorrt
-
-        require_tensorrt()
-        kwargs.setdefault("optimize", False)  # TensorRT cannot run onnxruntime's contrib fusion ops
-    elif format != "onnx":
-        raise ValueError(f"unknown export format {format!r}: use 'onnx' or 'tensorrt'")
-    from fsserve.bundle import write_bundle
-
-    return write_bundle(model, directory, target=format, **kwargs)

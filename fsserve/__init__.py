@@ -1,15 +1,28 @@
 """fsserve: train, export and serve prompt-based few-shot text classifiers (LM-BFF), fast.
 
 Public names are imported lazily (PEP 562) so that ``import fsserve`` stays light: the
-onnxruntime prediction path never imports torch.
+onnxruntime prediction path never imports torch. The package's folders are the stages in the life
+of a model (the README's "Layout" says what each may import):
+
+    config, data, metrics       settings, tasks and loaders, task metrics
+    prompts/                    templates, label words, encoding with the answer position
+    demos/                      the demonstration pool (SBERT → FAISS) and how demonstrations enter a prompt
+    embedded, heads, modeling   the LM with its label-word head (PromptModel)
+    training, methods/          the Trainer; probing, prompt/prefix tuning, LoRA
+    search/                     automatic label words and templates, prompt ensembles
+    bundle                      the on-disk bundle (torch-free reader)
+    runtime/, predictor         backends (onnxruntime, torch) and the Predictor on top of them
+    serving/                    KServe v2 server, dynamic batcher, client
+    experiment/, bench/         the LM-BFF protocol; latency benchmarks
+    cli/                        the ``fsserve`` command (nothing in the library imports it)
 
 >>> from fsserve import PromptModel, Predictor  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fsserve import _moved
+from fsserve.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,18 +41,5 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name on first use, so the package import stays cheap."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fsserve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """List the public names for tab completion."""
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+_moved.install()  # old module paths (fsserve.ensemble, fsserve.cli_serve, ...) keep working for one release

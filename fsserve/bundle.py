@@ -10,12 +10,16 @@ Layout (every file is listed in ``manifest.json`` with its sha256)::
     torch/             optional: the saved PromptModel (safetensors + JSON), for ``backend="torch"``
     demos/             optional extension point: the demonstration pool and FAISS index. Pass any object
                        with ``save(directory)`` (fsserve.demos.DemoIndex) as ``demos=`` to the export;
-                       the manifest then records ``"demos": "demos"`` and :func:`load_bundle_demos`
-                       returns ``DemoIndex.load(bundle / "demos")``. Its files are checksummed like all others.
+                       the manifest then records ``"demos": "demos"`` and
+                       the predictor loads it with ``DemoIndex.load(bundle / "demos")``. Its files are checksummed like all others.
 
-The bundle is written into a temporary sibling folder and renamed into place, so an interrupted
-export leaves the destination as it was. Loading refuses a bundle whose manifest, or any file,
-fails its checksum, naming the file; files the manifest does not list are refused too.
+The bundle is written (by :mod:`fsserve.exporters.bundle`) into a temporary sibling folder and
+renamed into place, so an interrupted export leaves the destination as it was. Loading refuses a
+bundle whose manifest, or any file, fails its checksum, naming the file; files the manifest does
+not list are refused too.
+
+This module is the bundle's format and its torch-free reader: it never imports torch, a model or an
+exporter. Building a Predictor from a bundle (onnx or torch) is :mod:`fsserve.predictor`'s job.
 """
 
 from __future__ import annotations
@@ -23,13 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fsserve.utils.atomic import atomic_directory, sha256_file, write_json_atomic
+from fsserve.utils.atomic import sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ TOKENIZER_DIR = "tokenizer"
 TORCH_DIR = "torch"
 DEMOS_DIR = "demos"
 _SPECIAL_IDS = ("mask_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id")
-# Strings the tokenizer adapter must encode exactly as the HF tokenizer does before a bundle is written.
-_PROBES = ("x", "A fine film.", " great", "It was terrible!", "naïve café, 3.5/10")
 
 
 class BundleError(ValueError):
@@ -133,33 +133,6 @@ def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
     return record
 
 
-def _check_adapter(tokenizer: Any, folder: Path, plain: bool = False) -> None:
-    """Refuse to write a bundle whose tokenizer.json does not reproduce the HF tokenizer.
-
-    ``plain``: also check plain-text encoding (pairs, token types, longest-first truncation), which
-    a standard fine-tuned model's bundle uses instead of the prompt.
-    """
-    adapter = BundleTokenizer.from_folder(folder, tokenizer_record(tokenizer))
-    for text in _PROBES:
-        for special in (False, True):
-            want = list(tokenizer(text, add_special_tokens=special)["input_ids"])
-            got = adapter(text, add_special_tokens=special)["input_ids"]
-            if want != got:
-                raise ValueError(f"tokenizer.json encodes {text!r} as {got}, the model's tokenizer as {want}: this tokenizer cannot be bundled")
-    if not plain:
-        return
-    firsts, seconds = list(_PROBES[1:]), list(reversed(_PROBES[1:]))
-    for pair in (None, seconds):
-        for max_length in (7, 64):
-            kwargs = dict(truncation=True, max_length=max_length, return_token_type_ids=True)
-            want = tokenizer(firsts, pair, **kwargs)
-            got = adapter(firsts, pair, **kwargs)
-            want_types = want.get("token_type_ids") or [[0] * len(ids) for ids in want["input_ids"]]
-            if [list(x) for x in want["input_ids"]] != got["input_ids"] or [list(x) for x in want_types] != got["token_type_ids"]:
-                raise ValueError(f"tokenizer.json encodes text pairs (max_length {max_length}) unlike the model's tokenizer: "
-                                 "this fine-tuned model's tokenizer cannot be bundled")
-
-
 # -- manifest -----------------------------------------------------------------------------
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     """Checksum of the manifest's own content, so a corrupted manifest is detected like any file."""
@@ -222,76 +195,6 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-# -- writing ------------------------------------------------------------------------------
-def write_bundle(
-    model: Any,
-    directory: str | Path,
-    target: str = "onnx",
-    quantize: str | None = None,
-    fp16: bool = False,
-    optimize: bool = True,
-    validate: bool = True,
-    validation_texts: Sequence[Any] | None = None,
-    int8_mode: str = "auto",
-    per_channel: bool = False,
-    exclude_op_types: Sequence[str] = (),
-    int8_nodes: Sequence[str] = (),
-    torch_weights: bool = True,
-    demos: Any = None,
-    atol: float | None = None,
-) -> Path:
-    """Export, validate and optimise the graph, then write the whole bundle atomically; return its path."""
-    from fsserve.exporters import onnx as ox
-
-    if quantize not in (None, "int8"):
-        raise ValueError(f"unknown quantize {quantize!r}: the only option is 'int8'")
-    if quantize and fp16:
-        raise ValueError("choose one of quantize='int8' (CPU) and fp16=True (GPU), not both")
-    directory = Path(directory)
-    if demos is None:
-        demos = getattr(model, "demo_index", None)  # a model trained with demonstrations ships its pool
-    info: dict[str, Any] = {"model_name": str(getattr(model, "source", None) or model.lm.config.model_type), "target": target, "opset": ox.OPSET}
-    with atomic_directory(directory) as tmp, tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.work.") as work_dir:
-        work = Path(work_dir)
-        fp32 = work / "fp32.onnx"
-        input_names = ox.export_graph(model, fp32)
-        info["optimization"] = ox.optimize_graph(fp32, model) if optimize else {"fusions": None}
-        if validate:
-            info["validation"] = ox.validate_graph(model, fp32, atol=ox.FP32_ATOL if atol is None else atol)
-        graph = tmp / ox.GRAPH_FILE
-        if quantize or fp16:
-            if quantize:
-                mode = ox.default_int8_mode(model) if int8_mode == "auto" else int8_mode
-                info["quantization"] = ox.quantize_int8(fp32, graph, mode, per_channel, exclude_op_types, int8_nodes)
-            else:
-                ox.convert_fp16(fp32, graph)
-            if validation_texts is not None:
-                batches = ox.text_batches(model, validation_texts)
-            else:
-                batches = [case.batch for case in ox.shape_grid(model) if "right" in case.label]
-            measured_on = f"{len(validation_texts)} validation texts" if validation_texts is not None else "random right-padded shape grid"
-            info["agreement_with_fp32"] = ox.agreement(fp32, graph, batches) | {"on": measured_on}
-            logger.info("%s agreement with fp32: %s", quantize or "fp16", info["agreement_with_fp32"])
-        else:
-            os.replace(fp32, graph)
-        info["precision"] = quantize or ("fp16" if fp16 else "fp32")
-        info["graph"] = ox.GRAPH_FILE
-        info["inputs"] = input_names
-        model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        _check_adapter(model.tokenizer, tmp / TOKENIZER_DIR, plain=model.method == "finetune")
-        config = model.metadata() | {"tokenizer": tokenizer_record(model.tokenizer), "pad_token_id": model.pad_token_id, "inputs": input_names}
-        write_json_atomic(tmp / CONFIG, config)
-        if torch_weights:
-            model.save_pretrained(tmp / TORCH_DIR)
-        info["torch"] = TORCH_DIR if torch_weights else None
-        if demos is not None:
-            demos.save(tmp / DEMOS_DIR)
-        info["demos"] = DEMOS_DIR if demos is not None else None
-        write_manifest(tmp, info)
-    logger.info("wrote bundle %s (%s)", directory, info["precision"])
-    return directory
-
-
 # -- loading ------------------------------------------------------------------------------
 def read_bundle_config(path: str | Path) -> dict[str, Any]:
     """The verified bundle's fsserve.json (prompt, labels, tokenizer ids), merged under key ``manifest``."""
@@ -300,63 +203,3 @@ def read_bundle_config(path: str | Path) -> dict[str, Any]:
     config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
     config["manifest"] = manifest
     return config
-
-
-def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str | None = None, batch_size: int = 32, **kwargs: Any) -> Any:
-    """Build a Predictor from a verified bundle: onnxruntime without torch, or the bundled torch model."""
-    from fsserve.predictor import Predictor
-
-    root = Path(path)
-    config = read_bundle_config(root)
-    if config.get("ensemble"):  # several prompts in one graph: fsserve.ensemble_predictor encodes each text once per prompt
-        from fsserve.ensemble_predictor import load_ensemble_predictor
-
-        return load_ensemble_predictor(root, config, backend=backend, device=device, batch_size=batch_size, **kwargs)
-    if backend == "torch":
-        if not config["manifest"].get("torch"):
-            raise BundleError(f"{root} carries no torch weights: export it with torch_weights=True to load it with backend='torch'")
-        from fsserve.modeling import PromptModel
-
-        return Predictor.from_model(PromptModel.from_pretrained(root / TORCH_DIR), device=device, batch_size=batch_size, **kwargs)
-    if backend != "onnx":
-        raise ValueError(f"unknown backend {backend!r}: use 'onnx' or 'torch'")
-    from fsserve.config import PromptConfig
-    from fsserve.prompts import Prompt
-    from fsserve.runtime.onnx import OnnxBackend
-
-    tokenizer = BundleTokenizer.from_folder(root / TOKENIZER_DIR, config["tokenizer"])
-    prompt_config = PromptConfig.from_dict(config["prompt"])
-    prompt = Prompt(prompt_config, tokenizer, config["kind"])
-    if prompt.label_word_ids != config["label_word_ids"]:
-        raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
-    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
-    encode = prompt.encode
-    finetuned = config.get("method") == "finetune"
-    if finetuned:  # standard fine-tuning reads the plain text, not the prompt
-        from fsserve.plain_inputs import encode_plain
-
-        max_length = int(prompt_config.max_length)
-        num_sentences = prompt.template.num_sentences
-
-        def encode(examples: Sequence[Any]) -> list[Any]:
-            """Plain-text inputs, as the fine-tuned model was trained on."""
-            return encode_plain(tokenizer, examples, num_sentences, max_length, config["kind"])
-    if config["manifest"].get("demos"):
-        from fsserve.config import DemoConfig
-        from fsserve.demo_prompts import demo_encoder
-
-        demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
-        encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
-    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range,
-                     prompt.template.num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
-
-
-def load_bundle_demos(path: str | Path) -> Any:
-    """The bundle's demonstration index (fsserve.demos.DemoIndex), or None when it has none."""
-    root = Path(path)
-    manifest = verify_bundle(root)
-    if not manifest.get("demos"):
-        return None
-    from fsserve.demos import DemoIndex  # type: ignore[import-not-found]
-
-    return DemoIndex.load(root / manifest["demos"])

@@ -198,7 +198,7 @@ def load_split(task: str | TaskSpec, path: str | Path) -> list[Example]:
                 raise ValueError(f"{path}:{lineno}: header {header} is not {spec.name}'s: "
                                  f"expected {expected!r} in column {column}")
     needed = 1 + max(c for c in (spec.text_column, spec.text_b_column, spec.label_column) if c is not None)
-    examples, skipped = [], 0
+    examples, skipped, blank = [], 0, 0
     for lineno, cells in rows:
         where = f"{path}:{lineno}"
         if len(cells) < needed:
@@ -206,16 +206,22 @@ def load_split(task: str | TaskSpec, path: str | Path) -> list[Example]:
                 skipped += 1
                 continue
             raise ValueError(f"{where}: expected at least {needed} columns for {spec.name}, got {len(cells)}")
-        text = _check_text(cells[spec.text_column], "text", where)
-        text_b = None
-        if spec.text_b_column is not None:
-            text_b = _check_text(cells[spec.text_b_column], f"text_b ({spec.name} is a pair task)", where)
+        sentences = [cells[c] for c in (spec.text_column, spec.text_b_column) if c is not None]
+        if not all(s.strip() for s in sentences):
+            # A published split may hold a blank sentence (LM-BFF's 8-shot CR has a text of one space);
+            # it carries no signal and a prompt cannot be built from it, so the row is skipped, by name.
+            logger.warning("%s: blank text %r in %s's published data: row skipped (user files refuse it)", where, sentences, spec.name)
+            blank += 1
+            continue
+        text, text_b = sentences[0], (sentences[1] if len(sentences) > 1 else None)
         label = _parse_label(cells[spec.label_column], where, spec.labels, spec.is_regression, spec.label_range)
         examples.append(Example(text, text_b, label))
     if not examples:
         raise ValueError(f"{path}: no examples")
     if skipped:
         logger.warning("%s: skipped %d malformed rows, as LM-BFF does for %s", path, skipped, spec.name)
+    if blank:
+        logger.warning("%s: skipped %d row(s) with blank text", path, blank)
     logger.debug("loaded %d %s examples from %s", len(examples), spec.name, path)
     return examples
 

@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def tracing() -> bool:
+    """Say whether the forward is being traced, exported or compiled, where the fused kernel must give way to plain torch."""
+    onnx_export = getattr(torch.onnx, "is_in_onnx_export", lambda: False)()
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return bool(torch.jit.is_tracing() or onnx_export or compiling)
+
+
 class MLMTransform(nn.Module):
     """The MLM head's dense → activation → LayerNorm, shared by reference with the LM (no copy)."""
 

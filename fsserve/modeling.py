@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fsserve.config import ADAPTATION_METHODS, DemoConfig, PromptConfig
-from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts
+from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts, tracing
 from fsserve.prompts import Encoded, Prompt
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
 
@@ -108,7 +108,7 @@ class PromptModel(nn.Module):
             expected = ["0", "1"] if self.prompt_config.is_regression else self.labels
             if classes != expected:
                 raise ValueError(f"the demonstration pool's classes {classes} do not match the model's labels {expected}")
-            from fsserve.demo_prompts import DemoPrompt
+            from fsserve.demos.prompting import DemoPrompt
 
             self.demo_prompt = DemoPrompt(self.prompt)
         else:
@@ -235,7 +235,7 @@ class PromptModel(nn.Module):
         """Write a self-contained bundle (ONNX graph of the label logits, tokenizer, prompt, manifest)."""
         if format not in ("onnx", "tensorrt"):
             raise ValueError(f"unknown export format {format!r}: use 'onnx' or 'tensorrt'")
-        from fsserve.exporters.onnx import export_bundle
+        from fsserve.exporters.bundle import export_bundle
 
         return export_bundle(self, directory, format=format, **kwargs)
 
@@ -254,7 +254,7 @@ class PromptModel(nn.Module):
             return self.demo_prompt.encode(examples, self.demo_index.demos(chosen))
         if self.method == "prompt":
             return self.prompt.encode(examples)
-        from fsserve.plain_inputs import encode_plain
+        from fsserve.prompts.plain import encode_plain
 
         return encode_plain(self.tokenizer, examples, self.prompt.template.num_sentences, self.prompt_config.max_length, self.kind)
 
@@ -302,7 +302,7 @@ class PromptModel(nn.Module):
     ) -> torch.Tensor:
         """Return the (B, num_labels) label logits: the one function every backend implements."""
         head = self.head
-        if self.use_fused_head and isinstance(head, LabelWordHead) and head.fusable and not torch.is_grad_enabled() and not _tracing():
+        if self.use_fused_head and isinstance(head, LabelWordHead) and head.fusable and not torch.is_grad_enabled() and not tracing():
             return head.fused(self.hidden_states(input_ids, attention_mask, token_type_ids), answer_pos)
         return head(self.hidden_at_answer(input_ids, attention_mask, answer_pos, token_type_ids))
 
@@ -386,13 +386,6 @@ class PromptModel(nn.Module):
         if embeddings:
             for param in self.lm.get_input_embeddings().parameters():
                 param.requires_grad_(False)
-
-
-def _tracing() -> bool:
-    """Say whether the forward is being traced or exported, where the plain torch head must be used."""
-    onnx_export = getattr(torch.onnx, "is_in_onnx_export", lambda: False)()
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    return bool(torch.jit.is_tracing() or onnx_export or compiling)
 
 
 def _forward_args(module: nn.Module) -> set[str]:

@@ -1,16 +1,27 @@
-"""Predictor: prompt + batching + a backend → labels and probabilities.
+"""Predictor: prompt + demonstrations + batching + a backend → labels and probabilities.
 
-Kept free of torch at import time: with the onnxruntime backend, prediction never imports torch.
+The loading dispatch lives here: a saved model folder (torch), a bundle on onnxruntime (no torch
+at all: the bundle's tokenizer.json, prompt, demonstration pool and graph), or a bundle's torch copy;
+prompt ensembles get an :class:`EnsemblePredictor`. Kept free of torch at import time: torch, the
+model and the ensemble classes are imported only when the torch backend is asked for.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fsserve.bundle import TOKENIZER_DIR, TORCH_DIR, BundleError, BundleTokenizer, read_bundle_config, verify_bundle
+from fsserve.config import DemoConfig, PromptConfig
+from fsserve.demos.index import DemoIndex
+from fsserve.demos.prompting import demo_encoder
+from fsserve.prompts import Prompt
+from fsserve.prompts.plain import encode_plain
+from fsserve.runtime.onnx import OnnxBackend
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +94,6 @@ class Predictor:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"unknown backend {backend!r}: use 'torch' or 'onnx'")
         if (path / "manifest.json").is_file():
-            from fsserve.bundle import load_bundle_predictor
-
             return load_bundle_predictor(path, backend=backend, device=device, batch_size=batch_size, **kwargs)
         if backend == "onnx":
             raise ValueError(f"{path} is a saved model, not an exported bundle: run `fsserve export` first for the onnx backend")
@@ -95,7 +104,9 @@ class Predictor:
 
     @classmethod
     def from_model(cls, model: Any, device: str | None = None, batch_size: int = 32, **kwargs: Any) -> Predictor:
-        """Wrap an in-memory PromptModel (e.g. right after training)."""
+        """Wrap an in-memory PromptModel (e.g. right after training), or a PromptEnsemble."""
+        if hasattr(model, "members"):
+            return EnsemblePredictor.from_model(model, device=device, batch_size=batch_size, **kwargs)
         from fsserve.runtime.torch import TorchBackend
 
         backend = TorchBackend(model, device=device, **kwargs)
@@ -174,3 +185,112 @@ class Predictor:
             lo, hi = self.regression_range
             return [float(lo + (hi - lo) * p) for p in probs[:, 1]]
         return [self.labels[i] for i in probs.argmax(-1)]
+
+
+class EnsemblePredictor(Predictor):
+    """A Predictor whose backend takes P example-major rows per text and returns one row of logits per text.
+
+    >>> predictor = Predictor.from_pretrained("bundles/sst2-ensemble", backend="onnx")  # doctest: +SKIP
+    >>> predictor.predict("A triumph.")  # doctest: +SKIP
+    '1'
+    """
+
+    def __init__(self, backend: Any, encoders: Sequence[Callable[[Sequence[Any]], list[Any]]], labels: Sequence[str], pad_token_id: int, num_sentences: int = 1, batch_size: int = 32) -> None:
+        if not encoders:
+            raise ValueError("an ensemble predictor needs at least one member prompt")
+        super().__init__(backend, None, labels, pad_token_id, None, num_sentences, batch_size)
+        self.encoders = list(encoders)
+
+    @classmethod
+    def from_model(cls, model: Any, device: str | None = None, batch_size: int = 32, **kwargs: Any) -> EnsemblePredictor:
+        """Wrap an in-memory PromptEnsemble (fsserve.search.ensemble) with the torch backend."""
+        from fsserve.runtime.torch import TorchBackend
+
+        encoders = [m.prompt.encode for m in model.members]
+        num_sentences = max(m.prompt.template.num_sentences for m in model.members)
+        return cls(TorchBackend(model, device=device, **kwargs), encoders, model.labels, model.pad_token_id, num_sentences, batch_size)
+
+    def label_logits(self, texts: str | Sequence[Any], texts_b: str | Sequence[str] | None = None) -> np.ndarray:
+        """Ensemble (B, num_labels) logits: every text encoded by every prompt, batched by length."""
+        rows, _ = self._rows(texts, texts_b)
+        out = np.zeros((len(rows), len(self.labels)), dtype=np.float32)
+        if not rows:
+            return out
+        per_prompt = [encode(rows) for encode in self.encoders]
+        longest = [max(len(encoded[i].input_ids) for encoded in per_prompt) for i in range(len(rows))]
+        order = sorted(range(len(rows)), key=longest.__getitem__)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            flat = [encoded[i] for i in idx for encoded in per_prompt]
+            out[idx] = self.backend.label_logits(**pad_batch(flat, self.pad_token_id, self.with_token_types))
+        return out
+
+
+# -- loading bundles ----------------------------------------------------------------------
+def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str | None = None, batch_size: int = 32, **kwargs: Any) -> Any:
+    """Build a Predictor from a verified bundle: onnxruntime without torch, or the bundled torch model."""
+    root = Path(path)
+    config = read_bundle_config(root)
+    if config.get("ensemble"):  # several prompts in one graph: each text is encoded once per prompt
+        return load_ensemble_predictor(root, config, backend=backend, device=device, batch_size=batch_size, **kwargs)
+    if backend == "torch":
+        if not config["manifest"].get("torch"):
+            raise BundleError(f"{root} carries no torch weights: export it with torch_weights=True to load it with backend='torch'")
+        from fsserve.modeling import PromptModel
+
+        return Predictor.from_model(PromptModel.from_pretrained(root / TORCH_DIR), device=device, batch_size=batch_size, **kwargs)
+    if backend != "onnx":
+        raise ValueError(f"unknown backend {backend!r}: use 'onnx' or 'torch'")
+    tokenizer = BundleTokenizer.from_folder(root / TOKENIZER_DIR, config["tokenizer"])
+    prompt_config = PromptConfig.from_dict(config["prompt"])
+    prompt = Prompt(prompt_config, tokenizer, config["kind"])
+    if prompt.label_word_ids != config["label_word_ids"]:
+        raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
+    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
+    encode = prompt.encode
+    finetuned = config.get("method") == "finetune"
+    if finetuned:  # standard fine-tuning reads the plain text, not the prompt
+        max_length = int(prompt_config.max_length)
+        num_sentences = prompt.template.num_sentences
+
+        def encode(examples: Sequence[Any]) -> list[Any]:
+            """Plain-text inputs, as the fine-tuned model was trained on."""
+            return encode_plain(tokenizer, examples, num_sentences, max_length, config["kind"])
+    if config["manifest"].get("demos"):
+        demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
+        encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
+    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range,
+                     prompt.template.num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
+
+
+def load_bundle_demos(path: str | Path) -> Any:
+    """The bundle's demonstration index (fsserve.demos.DemoIndex), or None when it has none."""
+    root = Path(path)
+    manifest = verify_bundle(root)
+    if not manifest.get("demos"):
+        return None
+    return DemoIndex.load(root / manifest["demos"])
+
+
+def load_ensemble_predictor(root: str | Path, config: dict[str, Any], backend: str = "onnx", device: str | None = None, batch_size: int = 32, **kwargs: Any) -> EnsemblePredictor:
+    """Build the Predictor of a verified ensemble bundle (bundles whose fsserve.json has ``ensemble``)."""
+    root = Path(root)
+    if backend == "torch":
+        if not config["manifest"].get("torch"):
+            raise BundleError(f"{root} carries no torch weights: export it with torch_weights=True to load it with backend='torch'")
+        from fsserve.search.ensemble import PromptEnsemble
+
+        ensemble = PromptEnsemble.from_pretrained(root / config["manifest"]["torch"])
+        return EnsemblePredictor.from_model(ensemble, device=device, batch_size=batch_size, **kwargs)
+    if backend != "onnx":
+        raise ValueError(f"unknown backend {backend!r}: use 'onnx' or 'torch'")
+    tokenizer = BundleTokenizer.from_folder(root / TOKENIZER_DIR, config["tokenizer"])
+    prompts = []
+    for i, record in enumerate(config["ensemble"]["members"]):
+        prompt = Prompt(PromptConfig.from_dict(record["prompt"]), tokenizer, config["kind"])
+        if prompt.label_word_ids != record["label_word_ids"]:
+            raise BundleError(f"{root / TOKENIZER_DIR}: member {i}'s label words tokenize to {prompt.label_word_ids}, the graph was exported for {record['label_word_ids']}")
+        prompts.append(prompt)
+    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
+    num_sentences = max(p.template.num_sentences for p in prompts)
+    return EnsemblePredictor(runner, [p.encode for p in prompts], config["labels"], int(config["pad_token_id"]), num_sentences, batch_size)

@@ -32,7 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fsserve.kernels.label_logits_reference import HeadTransform, check_inputs, check_out, label_logits_reference, reference_logits
+from fsserve.kernels.label_logits_reference import HeadTransform, check_inputs, label_logits_reference, reference_logits
 from fsserve.utils.device import triton_available
 
 __all__ = ["HeadTransform", "label_logits", "label_logits_kernel", "label_logits_reference", "MAX_KERNEL_CLASSES"]
@@ -256,20 +256,15 @@ def label_logits(
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    num_labels = check_inputs(
-        hidden, answer_pos, label_weight, label_bias, transform, word_to_class, num_labels, validate
-    )
+    inputs = check_inputs(hidden, answer_pos, label_weight, label_bias, transform, word_to_class, num_labels, validate)
+    num_labels = inputs.num_labels
     if backend == "auto":
         use_kernel = hidden.is_cuda and triton_available() and num_labels <= MAX_KERNEL_CLASSES
         backend = "triton" if use_kernel else "torch"
         logger.debug("label_logits: backend=%s (device %s)", backend, hidden.device)
     if backend == "torch":
-        result = reference_logits(hidden, answer_pos, label_weight, label_bias, transform, word_to_class,
-                                  log_softmax, num_labels)
-        if out is None:
-            return result
-        check_out(out, hidden, num_labels)
-        return out.copy_(result)
+        result = reference_logits(inputs, log_softmax)
+        return result if out is None else inputs.check_out(out).copy_(result)
 
     if triton is None:
         raise ImportError("backend='triton' needs Triton: pip install 'fsserve[gpu]'")
@@ -283,7 +278,7 @@ def label_logits(
     if out is None:
         out = torch.empty(batch, num_labels, device=hidden.device, dtype=torch.float32)
     else:
-        check_out(out, hidden, num_labels)
+        inputs.check_out(out)
 
     x, gather, fuse = hidden, True, False
     wd = bd = gamma = beta = label_weight  # placeholders: pointers the kernel never reads

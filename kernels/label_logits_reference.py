@@ -43,6 +43,32 @@ class HeadTransform:
     activation: str = "gelu"  # exact (erf) GELU, as BERT and RoBERTa use
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """The op's inputs once :func:`check_inputs` accepted them, with the number of classes settled.
+
+    Both paths (the Triton launcher and the torch reference) read these, so the checks run once
+    and the argument list is written once.
+    """
+
+    hidden: torch.Tensor
+    answer_pos: torch.Tensor
+    label_weight: torch.Tensor
+    label_bias: torch.Tensor | None
+    transform: HeadTransform | None
+    word_to_class: torch.Tensor | None
+    num_labels: int
+
+    def check_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Refuse an ``out`` buffer of the wrong shape, dtype or device; return it."""
+        shape = (self.hidden.shape[0], self.num_labels)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != torch.float32:
+            raise ValueError(f"out must be a float32 tensor of shape {shape}, got {_describe(out)}")
+        if out.device != self.hidden.device:
+            raise ValueError(f"out is on {out.device} but hidden is on {self.hidden.device}")
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch reference
 # ---------------------------------------------------------------------------------------------
@@ -61,38 +87,28 @@ def label_logits_reference(
     validate: bool = True,
 ) -> torch.Tensor:
     """Compute the same label logits in plain torch (fp32), as the ground truth the kernel is tested against."""
-    num_labels = check_inputs(
-        hidden, answer_pos, label_weight, label_bias, transform, word_to_class, num_labels, validate
-    )
-    return reference_logits(hidden, answer_pos, label_weight, label_bias, transform, word_to_class, log_softmax,
-                            num_labels)
+    inputs = check_inputs(hidden, answer_pos, label_weight, label_bias, transform, word_to_class, num_labels, validate)
+    return reference_logits(inputs, log_softmax)
 
 
-def reference_logits(
-    hidden: torch.Tensor,
-    answer_pos: torch.Tensor,
-    label_weight: torch.Tensor,
-    label_bias: torch.Tensor | None,
-    transform: HeadTransform | None,
-    word_to_class: torch.Tensor | None,
-    log_softmax: bool,
-    num_labels: int,
-) -> torch.Tensor:
-    """Run the reference computation on inputs that were already checked."""
+def reference_logits(inputs: HeadInputs, log_softmax: bool = False) -> torch.Tensor:
+    """Run the reference computation on inputs that :func:`check_inputs` accepted."""
+    hidden, transform, word_to_class = inputs.hidden, inputs.transform, inputs.word_to_class
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    x = hidden[rows, answer_pos].float()
+    x = hidden[rows, inputs.answer_pos].float()
     if transform is not None:
         x = F.linear(x, transform.dense_weight.float(), transform.dense_bias.float())
         x = F.gelu(x)  # approximate="none": the erf form
         x = F.layer_norm(x, (x.shape[-1],), transform.ln_weight.float(), transform.ln_bias.float(),
                          float(transform.eps))
-    word_logits = F.linear(x, label_weight.float(), None if label_bias is None else label_bias.float())
+    bias = None if inputs.label_bias is None else inputs.label_bias.float()
+    word_logits = F.linear(x, inputs.label_weight.float(), bias)
     if word_to_class is None:
         class_logits = word_logits
     else:
         index = word_to_class.long()
-        sums = word_logits.new_zeros(word_logits.shape[0], num_labels).index_add_(1, index, word_logits)
-        counts = torch.bincount(index, minlength=num_labels).to(sums.dtype)
+        sums = word_logits.new_zeros(word_logits.shape[0], inputs.num_labels).index_add_(1, index, word_logits)
+        counts = torch.bincount(index, minlength=inputs.num_labels).to(sums.dtype)
         class_logits = sums / counts
     if log_softmax:
         class_logits = torch.log_softmax(class_logits, dim=-1)
@@ -113,8 +129,8 @@ def check_inputs(
     word_to_class: torch.Tensor | None,
     num_labels: int | None,
     validate: bool,
-) -> int:
-    """Refuse malformed inputs with a ValueError naming the argument, and return the number of classes."""
+) -> HeadInputs:
+    """Refuse malformed inputs with a ValueError naming the argument; return them with the number of classes."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be a (batch, seq, hidden) tensor, got {_describe(hidden)}")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -170,16 +186,7 @@ def check_inputs(
         low, high = torch.stack([answer_pos.min(), answer_pos.max()]).tolist()
         if low < 0 or high >= seq_len:
             raise ValueError(f"answer_pos must lie in [0, {seq_len}), got values from {low} to {high}")
-    return num_labels
-
-
-def check_out(out: torch.Tensor, hidden: torch.Tensor, num_labels: int) -> None:
-    """Refuse an ``out`` buffer of the wrong shape, dtype or device."""
-    shape = (hidden.shape[0], num_labels)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != torch.float32:
-        raise ValueError(f"out must be a float32 tensor of shape {shape}, got {_describe(out)}")
-    if out.device != hidden.device:
-        raise ValueError(f"out is on {out.device} but hidden is on {hidden.device}")
+    return HeadInputs(hidden, answer_pos, label_weight, label_bias, transform, word_to_class, num_labels)
 
 
 def _describe(value: object) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from fsserve.bench import BenchConfig, run_bench
-from fsserve.bench_report import to_markdown, write_outputs
+from fsserve.bench.report import to_markdown, write_outputs
+from fsserve.bench.run import BenchConfig, run_bench
 from fsserve.config import PromptConfig
 from fsserve.modeling import PromptModel
 
@@ -121,7 +121,7 @@ def test_bad_config_is_a_value_error() -> None:
 def test_cli_parser_reads_the_grid() -> None:
     import argparse
 
-    from fsserve.cli_bench import add_bench_parser
+    from fsserve.cli.bench import add_bench_parser
 
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers(dest="command"))

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fsserve import bundle as bundle_mod
-from fsserve.bundle import BundleError, BundleTokenizer, load_bundle_predictor, tokenizer_record, verify_bundle
+from fsserve.bundle import BundleError, BundleTokenizer, tokenizer_record, verify_bundle
 from fsserve.config import PromptConfig
+from fsserve.exporters import bundle as bundle_writer
 from fsserve.modeling import PromptModel
+from fsserve.predictor import load_bundle_predictor
 from fsserve.predictor import Predictor
 from fsserve.prompts import Prompt
 
@@ -94,7 +95,7 @@ def test_interrupted_export_leaves_the_destination_untouched(bert_bundle: tuple[
         raise KeyboardInterrupt("simulated crash half-way through the export")
 
     if fail_in == "write_manifest":
-        monkeypatch.setattr(bundle_mod, "write_manifest", boom)
+        monkeypatch.setattr(bundle_writer, "write_manifest", boom)
     else:
         monkeypatch.setattr(model, "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):

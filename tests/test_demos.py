@@ -10,8 +10,8 @@ import pytest
 
 from fsserve.config import PromptConfig
 from fsserve.data import Example
-from fsserve.demo_prompts import DemoPrompt
 from fsserve.demos import DemoIndex
+from fsserve.demos.prompting import DemoPrompt
 from fsserve.prompts import Prompt
 from fsserve.utils.atomic import sha256_file
 

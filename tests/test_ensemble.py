@@ -11,9 +11,9 @@ import torch
 
 from fsserve.config import PromptConfig, TrainingArguments
 from fsserve.data import Example
-from fsserve.ensemble import PromptEnsemble, predictor
 from fsserve.modeling import PromptModel
 from fsserve.predictor import Predictor
+from fsserve.search.ensemble import PromptEnsemble
 from fsserve.training import Trainer
 
 TEXTS = ["A fine film.", "Dull, slow and far too long for what it has to say about anything at all.", "Great!", "It was not good", "Meh."]
@@ -122,4 +122,4 @@ def test_ensemble_bundle_exports_with_parity_and_serves_through_the_predictor(ti
     assert onnx.predict("Great!") == ensemble.predict(["Great!"])[0]
     torch_backend = Predictor.from_pretrained(bundle, backend="torch")
     np.testing.assert_allclose(torch_backend.predict_proba(TEXTS), expected, atol=1e-5)
-    np.testing.assert_allclose(predictor(ensemble).predict_proba(TEXTS), expected, atol=1e-5)
+    np.testing.assert_allclose(Predictor.from_model(ensemble).predict_proba(TEXTS), expected, atol=1e-5)

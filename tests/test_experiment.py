@@ -1,4 +1,4 @@
-"""The LM-BFF protocol (fsserve.experiment): end to end on a tiny Gemma, resume, grid selection, metrics, in-context."""
+"""The LM-BFF protocol (fsserve.experiment.protocol): end to end on a tiny Gemma, resume, grid selection, metrics, in-context."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fsserve.baselines import InContextPrompt
-from fsserve.cli_experiment import add_experiment_parser, config_from_args, main
+from fsserve.cli import main
+from fsserve.cli.experiment import add_experiment_parser, config_from_args
 from fsserve.config import PromptConfig
 from fsserve.data import Example
+from fsserve.experiment.baselines import InContextPrompt
 from fsserve.metrics import compute_metric
-from fsserve.experiment import (
+from fsserve.experiment.protocol import (
     Cell, ExperimentConfig, cache_path, cell_settings, demo_eval_mode, iter_cells, run_cell, run_experiment,
 )
-from fsserve.experiment_report import markdown_table, summarize
+from fsserve.experiment.report import markdown_table, summarize
 from fsserve.modeling import PromptModel
 
 POS = ["a warm and funny film", "a superb, moving story", "lovely acting throughout", "a gem of a movie", "pure joy"]
@@ -216,10 +217,10 @@ def test_cli_parses_grids_and_runs_an_experiment(kshot: Path, tmp_path: Path, ca
     config = config_from_args(args)
     assert config.grid("prompt") == [(1e-5, 4), (1e-5, 8), (2e-5, 4), (2e-5, 8)] and config.grid("finetune") == [(1e-4, 4), (1e-4, 8)]
     assert (config.max_steps, config.eval_steps, config.max_test, config.num_sample) == (30, 100, 100, 4)
-    import fsserve.experiment
+    import fsserve.experiment.protocol
 
     seen: list[ExperimentConfig] = []
-    monkeypatch.setattr(fsserve.experiment, "run_cell", lambda cfg, cell: seen.append(cfg) or
+    monkeypatch.setattr(fsserve.experiment.protocol, "run_cell", lambda cfg, cell: seen.append(cfg) or
                         {"metric": "acc", "n_test": 8, "dev": None, "best_step": None, "test": 0.625})
     code = main(["experiment", "--tasks", "SST-2", "--methods", "zero-shot", "--seeds", "13", "--k", "2", "--data", str(kshot),
                  "--model", "some-lm", "--out", str(tmp_path / "cli"), "--max-length", "64"])

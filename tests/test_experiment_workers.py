@@ -1,4 +1,4 @@
-"""Several processes on one experiment (fsserve.cell_lock + run_experiment): each cell computed once, dead workers' cells taken over."""
+"""Several processes on one experiment (fsserve.experiment.cell_lock + run_experiment): each cell computed once, dead workers' cells taken over."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fsserve.cell_lock import holder_alive, process_start_time, release, try_claim
-from fsserve.experiment import Cell, ExperimentConfig, cache_path, cell_settings, iter_cells, run_experiment
+from fsserve.experiment.cell_lock import holder_alive, process_start_time, release, try_claim
+from fsserve.experiment.protocol import Cell, ExperimentConfig, cache_path, cell_settings, iter_cells, run_experiment
 
 from test_experiment import _write_kshot
 
@@ -128,7 +128,7 @@ def test_a_reused_pid_does_not_keep_a_dead_workers_claim_alive(tmp_path: Path) -
 
 
 def test_cli_workers_flag_runs_a_real_experiment_in_two_processes(tiny_lm_dir, root: Path, capsys) -> None:
-    from fsserve.cli_experiment import main
+    from fsserve.cli import main
 
     out = root / "cli"
     argv = ["experiment", "--tasks", "SST-2,RTE", "--methods", "zero-shot,prompt", "--seeds", "13,21", "--k", "2",

@@ -195,7 +195,7 @@ def test_fp16_and_io_binding_on_cuda(tiny_lm: Any, tmp_path: Path) -> None:
 
 
 def test_cli_export_writes_bundle_and_triton_repository(tiny_lm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fsserve.cli_export import main
+    from fsserve.cli import main
 
     model = _model(tiny_lm, "roberta")
     model.save_pretrained(tmp_path / "model")

@@ -18,8 +18,8 @@ import torch
 from fsserve.bundle import BundleTokenizer, tokenizer_record
 from fsserve.config import PromptConfig
 from fsserve.modeling import PromptModel
-from fsserve.plain_inputs import encode_plain
 from fsserve.predictor import Predictor
+from fsserve.prompts.plain import encode_plain
 
 SINGLE = PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=24)
 PAIR = PromptConfig("{sent_0} ? {sent_1} Answer: {mask}", {"entailment": "Yes", "not_entailment": "No"}, max_length=24)

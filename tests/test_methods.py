@@ -202,7 +202,7 @@ def test_from_pretrained_builds_each_method(tiny_lm_dir: Any) -> None:
 def test_cli_parsers_and_method_specs() -> None:
     import argparse
 
-    from fsserve.cli_methods import add_methods_parsers
+    from fsserve.cli.methods import add_methods_parsers
     from fsserve.methods.compare import MethodRow, format_table, parse_spec
 
     parser = argparse.ArgumentParser()

@@ -1,10 +1,10 @@
-"""LM-BFF's published numbers (fsserve.published): keyed like fsserve's tasks and methods, unconfirmed cells marked."""
+"""LM-BFF's published numbers (fsserve.experiment.published): keyed like fsserve's tasks and methods, unconfirmed cells marked."""
 
 from __future__ import annotations
 
 from fsserve.data import get_task
-from fsserve.experiment import METHODS
-from fsserve.published import _ROWS, SOURCES, published_rows, published_score, published_table
+from fsserve.experiment.protocol import METHODS
+from fsserve.experiment.published import _ROWS, SOURCES, published_rows, published_score, published_table
 
 
 def test_every_published_cell_names_a_registered_task_a_method_and_a_source() -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from fsserve import search, template_search
 from fsserve.config import PromptConfig, TrainingArguments
 from fsserve.data import Example
 from fsserve.modeling import PromptModel
 from fsserve.prompts import Template
+from fsserve.search import label_words, templates
 from fsserve.training import evaluate_model
 
 FILLERS = ["the movie", "this film", "the story", "our show", "that play", "my book", "a song", "the game"]
@@ -62,7 +62,7 @@ def test_planted_label_words_are_found_first(tiny_lm: Any, arch: str) -> None:
     model = _model(tiny_lm, arch)
     examples = _examples()
     _plant(model, examples, PLANTED)
-    found = search.search_label_words(model, examples, k=4, num_candidates=10)
+    found = label_words.search_label_words(model, examples, k=4, num_candidates=10)
     assert found[0].label_words == PLANTED
     assert found[0].score == 1.0
     keys = [tuple(sorted(c.label_words.items())) for c in found]
@@ -76,7 +76,7 @@ def test_planted_label_words_are_found_first(tiny_lm: Any, arch: str) -> None:
 def test_vectorised_scores_equal_real_zero_shot_models(tiny_lm: Any, arch: str) -> None:
     model = _model(tiny_lm, arch, classes=2)
     examples = _examples(classes=2)
-    found = search.search_label_words(model, examples, k=6, num_candidates=5)
+    found = label_words.search_label_words(model, examples, k=6, num_candidates=5)
     for cand in found:
         single = PromptModel(model.lm, model.tokenizer, PromptConfig(TEMPLATE, cand.label_words))  # in-vocab: one token each
         assert evaluate_model(single, examples, "acc")["score"] == pytest.approx(cand.score)
@@ -89,7 +89,7 @@ def test_vectorised_scores_equal_real_zero_shot_models(tiny_lm: Any, arch: str) 
 
 def test_whole_word_filter_drops_subwords_and_specials(tiny_lm: Any) -> None:
     _, tokenizer = tiny_lm("bert")
-    mask = search.whole_word_mask(tokenizer, len(tokenizer), space=True)
+    mask = label_words.whole_word_mask(tokenizer, len(tokenizer), space=True)
     vocab = tokenizer.get_vocab()
     assert mask[vocab["great"]] and not mask[vocab["##ing"]] and not mask[tokenizer.mask_token_id] and not mask[vocab["."]]
 
@@ -97,17 +97,17 @@ def test_whole_word_filter_drops_subwords_and_specials(tiny_lm: Any) -> None:
 def test_label_search_refuses_bad_input(tiny_lm: Any) -> None:
     model = _model(tiny_lm, "bert", classes=2)
     with pytest.raises(ValueError, match="every class"):
-        search.search_label_words(model, [ex for ex in _examples(2) if ex.label == "0"])
+        label_words.search_label_words(model, [ex for ex in _examples(2) if ex.label == "0"])
     with pytest.raises(ValueError, match="not one of the model's labels"):
-        search.search_label_words(model, [Example("x y", label="7")])
+        label_words.search_label_words(model, [Example("x y", label="7")])
     with pytest.raises(ValueError, match="at least 1"):
-        search.search_label_words(model, _examples(2), k=0)
+        label_words.search_label_words(model, _examples(2), k=0)
 
 
 def test_decoder_template_search_scores_the_label_word_after_the_span(tiny_lm: Any) -> None:
     model = _model(tiny_lm, "gpt2", classes=2)
     examples = _examples(2)[:6]
-    found = template_search.decoder_templates(model, examples, beam_width=3, max_tokens=2, num_templates=6)
+    found = templates.decoder_templates(model, examples, beam_width=3, max_tokens=2, num_templates=6)
     assert 1 < len(found) <= 6 and [c.score for c in found] == sorted((c.score for c in found), reverse=True)
     for cand in found:
         parsed = Template.parse(cand.template)
@@ -115,28 +115,28 @@ def test_decoder_template_search_scores_the_label_word_after_the_span(tiny_lm: A
     # The empty span's score is the summed log-probability of each gold label word right after the sentence.
     empty = next(c for c in found if c.template == "{sent_0} {mask}")
     plain = PromptModel(model.lm, model.tokenizer, PromptConfig("{sent_0} {mask}", {"0": "bad", "1": "good"}))
-    logp = torch.log_softmax(search.answer_logits(plain, examples), -1)
+    logp = torch.log_softmax(label_words.answer_logits(plain, examples), -1)
     gold = torch.tensor([plain.prompt.label_word_ids[int(ex.label)] for ex in examples])
     assert empty.score == pytest.approx(float(logp[torch.arange(len(examples)), gold].sum()), rel=1e-4)
     # Scores are sums over the training set: the same examples twice give the same templates at twice the score.
-    doubled = template_search.decoder_templates(model, examples * 2, beam_width=3, max_tokens=2, num_templates=6)
+    doubled = templates.decoder_templates(model, examples * 2, beam_width=3, max_tokens=2, num_templates=6)
     assert [c.template for c in doubled] == [c.template for c in found]
     assert [c.score for c in doubled] == pytest.approx([2 * c.score for c in found], rel=1e-4)
 
 
 def test_template_text_never_holds_control_or_sentinel_tokens(gemma_tokenizer: Any, tiny_lm: Any) -> None:
-    banned = template_search._banned_tokens(gemma_tokenizer, len(gemma_tokenizer))
+    banned = templates._banned_tokens(gemma_tokenizer, len(gemma_tokenizer))
     ids = gemma_tokenizer.convert_tokens_to_ids(["<start_of_image>", "<unused3>", "<0x0A>", "<eos>", "▁It", "▁was"])
     assert banned[ids].tolist() == [True, True, True, True, False, False]
     _, minilm = tiny_lm("bert")
-    assert bool(template_search._banned_tokens(minilm, len(minilm))[minilm.cls_token_id])
+    assert bool(templates._banned_tokens(minilm, len(minilm))[minilm.cls_token_id])
 
 
 def test_decoder_template_search_refuses_encoders_and_bad_forms(tiny_lm: Any) -> None:
     with pytest.raises(ValueError, match="decoder LM"):
-        template_search.decoder_templates(_model(tiny_lm, "bert", 2), _examples(2))
+        templates.decoder_templates(_model(tiny_lm, "bert", 2), _examples(2))
     with pytest.raises(ValueError, match="must end with"):
-        template_search.decoder_templates(_model(tiny_lm, "gpt2", 2), _examples(2), form="<extra_id_0> {sent_0} {mask}")
+        templates.decoder_templates(_model(tiny_lm, "gpt2", 2), _examples(2), form="<extra_id_0> {sent_0} {mask}")
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +160,17 @@ def test_t5_template_search_returns_parseable_templates_with_one_mask(tiny_t5: t
     t5, tokenizer = tiny_t5
     examples = _examples(2)[:6]
     words = {"0": "terrible", "1": "great"}
-    found = template_search.t5_templates(t5, tokenizer, examples, words, beam_width=4, max_tokens=5, num_templates=5)
+    found = templates.t5_templates(t5, tokenizer, examples, words, beam_width=4, max_tokens=5, num_templates=5)
     assert 0 < len(found) <= 5
     assert len({c.template for c in found}) == len(found)
     for cand in found:
         parsed = Template.parse(cand.template)
         assert sum(p.kind == "mask" for p in parsed.parts) == 1 and parsed.num_sentences == 1
         assert "extra_id" not in cand.template
-    doubled = template_search.t5_templates(t5, tokenizer, examples * 2, words, beam_width=4, max_tokens=5, num_templates=5)
+    doubled = templates.t5_templates(t5, tokenizer, examples * 2, words, beam_width=4, max_tokens=5, num_templates=5)
     assert [c.score for c in doubled] == pytest.approx([2 * c.score for c in found], rel=1e-4)
     with pytest.raises(ValueError, match="extra_id"):
-        template_search.t5_templates(t5, tokenizer, examples, words, form="{sent_0} {mask}")
+        templates.t5_templates(t5, tokenizer, examples, words, form="{sent_0} {mask}")
 
 
 def test_ranking_by_fine_tuning_leaves_the_base_lm_untouched(tiny_lm: Any) -> None:
@@ -178,19 +178,19 @@ def test_ranking_by_fine_tuning_leaves_the_base_lm_untouched(tiny_lm: Any) -> No
     examples = _examples(2)
     before = model.predict_logits(examples[:4])
     configs = [PromptConfig(TEMPLATE, {"0": "bad", "1": "good"}), PromptConfig("{sent_0} {mask}!", {"0": "no", "1": "yes"})]
-    zero = search.score_prompts(model, configs, examples)
+    zero = label_words.score_prompts(model, configs, examples)
     assert zero == [evaluate_model(PromptModel(model.lm, model.tokenizer, c), examples, "acc")["score"] for c in configs]
     args = TrainingArguments(max_steps=2, learning_rate=1e-3, batch_size=4, progress=False)
-    tuned = search.score_prompts(model, configs, examples, examples, args)
+    tuned = label_words.score_prompts(model, configs, examples, examples, args)
     torch.testing.assert_close(model.predict_logits(examples[:4]), before)
-    ranked = search.rerank([template_search.TemplateCandidate(c.template, 0.0) for c in configs], tuned)
+    ranked = label_words.rerank([templates.TemplateCandidate(c.template, 0.0) for c in configs], tuned)
     assert [c.dev_score for c in ranked] == sorted(tuned, reverse=True)
 
 
 def test_cli_search_labels_and_templates(tiny_lm_dir: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from fsserve.cli_search import add_search_parser
+    from fsserve.cli.search import add_search_parser
 
     parser = argparse.ArgumentParser()
     add_search_parser(parser.add_subparsers(dest="command"))

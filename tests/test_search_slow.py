@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from fsserve import search, template_search
 from fsserve.config import PromptConfig
-from fsserve.ensemble import PromptEnsemble
 from fsserve.prompts import Template
+from fsserve.search import label_words, templates
+from fsserve.search.ensemble import PromptEnsemble
 
 pytestmark = pytest.mark.slow
 DATA = Path(os.environ.get("FSSERVE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -34,7 +34,7 @@ def sst2() -> tuple[Any, list[Any], list[Any]]:
 
 def test_label_search_on_gemma_fits_the_training_set_with_single_token_words(sst2: tuple[Any, list[Any], list[Any]]) -> None:
     model, train, _ = sst2
-    found = search.search_label_words(model, train, k=30, num_candidates=10)
+    found = label_words.search_label_words(model, train, k=30, num_candidates=10)
     assert found[0].score >= 0.75  # the manual words reach about 0.7 zero-shot on this training set
     for cand in found:
         assert all(len(model.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in cand.label_words.values())
@@ -42,7 +42,7 @@ def test_label_search_on_gemma_fits_the_training_set_with_single_token_words(sst
 
 def test_decoder_template_search_on_gemma_and_an_ensemble_of_its_best(sst2: tuple[Any, list[Any], list[Any]]) -> None:
     model, train, dev = sst2
-    found = template_search.decoder_templates(model, train[:8] + train[-8:], beam_width=4, max_tokens=3, num_templates=4)
+    found = templates.decoder_templates(model, train[:8] + train[-8:], beam_width=4, max_tokens=3, num_templates=4)
     assert found and all(Template.parse(c.template).parts[-1].kind == "mask" for c in found)
     prompts = [MANUAL, PromptConfig(found[0].template, MANUAL.label_words)]
     ensemble = PromptEnsemble.from_prompts(model, prompts)

@@ -15,8 +15,8 @@ import pytest
 
 from fsserve.serving.client import build_infer_request, parse_infer_response
 from fsserve.serving.config import ServerConfig
-from fsserve.serving.server import histogram_counts
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
+from fsserve.serving.server import histogram_counts
 from fsserve.serving.server import BackgroundServer
 from test_serving_support import metrics_text, model_dirs, reference, self_signed_cert, server_factory, start_server, stub  # noqa: F401
 
@@ -249,7 +249,7 @@ def test_tls_on_and_off(server_factory: Any, tmp_path: Path, reference: dict[str
 
 # -- CLI and config -------------------------------------------------------------------------
 def test_cli_client_prints_labels_and_probabilities(server: BackgroundServer, reference: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    from fsserve.cli_serve import add_serve_parsers
+    from fsserve.cli.serve import add_serve_parsers
 
     parser = argparse.ArgumentParser()
     add_serve_parsers(parser.add_subparsers(dest="command"))

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 
 from fsserve.serving.client import build_infer_request, parse_infer_response
-from fsserve.serving.server import histogram_counts
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
 from fsserve.serving.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from fsserve.serving.server import histogram_counts
 from test_serving_support import metrics_text, model_dirs, reference, server_factory  # noqa: F401
 
 ADJECTIVES = ["gripping", "dull", "warm", "clumsy", "bold", "tired", "sharp"]

@@ -141,10 +141,10 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
 
 
 def spawn_server(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen[str], list[str]]:
-    """Run ``python -m fsserve.cli_serve serve ARGS`` and wait for its "serving" line; return the process and its output so far."""
+    """Run ``python -m fsserve serve ARGS`` and wait for its "serving" line; return the process and its output so far."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fsserve.cli_serve", "-v", "serve", *args],
+        [sys.executable, "-m", "fsserve", "-v", "serve", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []

@@ -8,8 +8,7 @@ Names are imported lazily, so a missing extra shows as an ImportError naming it 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fsserve.utils.lazy import lazy_exports
 
 _LAZY = {
     "ServerConfig": "fsserve.serving.config",
@@ -22,23 +21,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name on first use; name the ``[serve]`` extra when a dependency is missing."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fsserve.serving' has no attribute {name!r}")
-    try:
-        value = getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"grpc", "grpc_health", "grpc_reflection", "prometheus_client", "google"}:
-            raise ImportError(f"fsserve serving needs the optional dependency {exc.name!r}: pip install 'fsserve[serve]'") from exc
-        raise
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """List the public names for tab completion."""
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, extra=("serve", frozenset({"grpc", "grpc_health", "grpc_reflection", "prometheus_client", "google"})))

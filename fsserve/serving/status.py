@@ -23,8 +23,12 @@ logger = logging.getLogger(__name__)
 class ServingError(Exception):
     """A failure that maps to one gRPC status code; the message names the problem for the client.
 
-    >>> ServingError("no such thing").code
-    <StatusCode.INTERNAL: (13, 'internal')>
+    Each subclass names its code once, in its class line (``class X(ServingError, code=...)``).
+
+    >>> ServingError("no such thing").code.name
+    'INTERNAL'
+    >>> [(e.__name__, e.code.name) for e in ServingError.__subclasses__()][:2]
+    [('InvalidInput', 'INVALID_ARGUMENT'), ('ModelNotFound', 'NOT_FOUND')]
     """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -33,65 +37,36 @@ class ServingError(Exception):
         super().__init__(message)
         self.message = message
 
-
-class InvalidInput(ServingError):
-    """The request is malformed: a missing, wrong-typed or oversized input.
-
-    >>> InvalidInput("input 'TEXT' is missing").code.name
-    'INVALID_ARGUMENT'
-    """
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: Any) -> None:
+        """Give each kind of failure its status code where the class is declared."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
 
-class ModelNotFound(ServingError):
-    """The request names a model (or version) this server does not serve.
-
-    >>> ModelNotFound("unknown model 'x'").code.name
-    'NOT_FOUND'
-    """
-
-    code = grpc.StatusCode.NOT_FOUND
+class InvalidInput(ServingError, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """The request is malformed: a missing, wrong-typed or oversized input."""
 
 
-class QueueFull(ServingError):
-    """The model's request queue is at its bound; the client should back off and retry.
-
-    >>> QueueFull("queue full").code.name
-    'RESOURCE_EXHAUSTED'
-    """
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class ModelNotFound(ServingError, code=grpc.StatusCode.NOT_FOUND):
+    """The request names a model (or version) this server does not serve."""
 
 
-class DeadlineExceeded(ServingError):
-    """The request's deadline passed before its batch ran, so it was dropped from the batch.
-
-    >>> DeadlineExceeded("too late").code.name
-    'DEADLINE_EXCEEDED'
-    """
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class QueueFull(ServingError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """The model's request queue is at its bound; the client should back off and retry."""
 
 
-class Unavailable(ServingError):
-    """The server is shutting down and takes no new work.
-
-    >>> Unavailable("draining").code.name
-    'UNAVAILABLE'
-    """
-
-    code = grpc.StatusCode.UNAVAILABLE
+class DeadlineExceeded(ServingError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
+    """The request's deadline passed before its batch ran, so it was dropped from the batch."""
 
 
-class Unauthenticated(ServingError):
-    """The request lacks the bearer token this server was started with.
+class Unavailable(ServingError, code=grpc.StatusCode.UNAVAILABLE):
+    """The server is shutting down and takes no new work."""
 
-    >>> Unauthenticated("missing token").code.name
-    'UNAUTHENTICATED'
-    """
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+class Unauthenticated(ServingError, code=grpc.StatusCode.UNAUTHENTICATED):
+    """The request lacks the bearer token this server was started with."""
+
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 

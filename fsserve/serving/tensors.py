@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsserve.serving.status import InvalidInput
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
+from fsserve.serving.status import InvalidInput
 
 TEXT, TEXT_B, LABEL, PROBS = "TEXT", "TEXT_B", "LABEL", "PROBS"
 OUTPUTS = (LABEL, PROBS)

@@ -1,7 +1,7 @@
 """GPT-3-style in-context learning: as many labelled training examples as fit, before the query, no training.
 
 Each context example is the task's template with its own sentences and the mask replaced by the
-label word of its class (``fsserve.demo_prompts.demo_segment``), so the context reads exactly like
+label word of its class (``fsserve.demos.prompting.demo_segment``), so the context reads exactly like
 the query's prompt with the answer filled in::
 
     [CLS] dull. It was terrible. [SEP] a gem. It was great. [SEP] ... {query} It was [MASK].
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsserve.demo_prompts import _join, demo_segment
+from fsserve.demos.prompting import _join, demo_segment
 from fsserve.prompts import Encoded, Prompt, Template, example_texts
 
 logger = logging.getLogger(__name__)

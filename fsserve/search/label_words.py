@@ -7,7 +7,7 @@ zero-shot prediction of a combination is an argmax over k-wide slices of it — 
 combinations cost one gather, not one forward pass each. The best ``n`` can be re-ranked by short
 fine-tuning on train, scored on dev (:func:`score_prompts`).
 
-**Templates** are generated in :mod:`fsserve.template_search`; their candidates are ranked here
+**Templates** are generated in :mod:`fsserve.search.templates`; their candidates are ranked here
 too (:func:`score_prompts`, :func:`rerank`).
 """
 

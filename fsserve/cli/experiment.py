@@ -1,6 +1,6 @@
 """``fsserve experiment``: run (or resume) the LM-BFF evaluation protocol and write its table and plot.
 
-Wired into fsserve/cli.py with ``add_experiment_parser(subparsers)``; the handler is the
+Wired into fsserve/cli/main.py with ``add_experiment_parser(subparsers)``; the handler is the
 subparser's ``func`` default. This module prints (it is the CLI); the library only logs.
 """
 
@@ -14,23 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fsserve.cli.args import check_model_source, comma_list
+
 logger = logging.getLogger("fsserve.cli")
-
-
-def _floats(text: str) -> list[float]:
-    """Parse a comma-separated grid of numbers (``1e-5,2e-5``)."""
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    """Parse a comma-separated list of integers (``13,21,42``)."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,7 +30,7 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma-separated, e.g. SST-2,sst-5,trec,RTE,CoLA,STS-B")
     p.add_argument("--methods", default="zero-shot,in-context,finetune,prompt,prompt-demo,prompt-demo-similar",
                    help="comma-separated subset of zero-shot, in-context, finetune, prompt, prompt-demo, prompt-demo-similar")
-    p.add_argument("--seeds", type=_ints, default=[13, 21, 42, 87, 100], help="k-shot split seeds (default: LM-BFF's five)")
+    p.add_argument("--seeds", type=comma_list(int, "integers"), default=[13, 21, 42, 87, 100], help="k-shot split seeds (default: LM-BFF's five)")
     p.add_argument("--data", help="k-shot root folder (default: ../shared/data/k-shot)")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--model", default="embedded", help="HF name or folder of an encoder MLM or decoder LM")
@@ -54,9 +40,9 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=int, default=100)
     g.add_argument("--max-test", type=int, help="evaluate on the first N test examples only (default: all)")
     g = p.add_argument_group("optimisation (comma-separated values form a grid; each seed keeps its best-on-dev setting)")
-    g.add_argument("--lr", type=_floats, default=[1e-5], help="learning-rate grid (LM-BFF: 1e-5,2e-5,5e-5)")
-    g.add_argument("--finetune-lr", type=_floats, help="learning-rate grid for standard fine-tuning (default: --lr)")
-    g.add_argument("--batch-size", type=_ints, default=[8], help="batch-size grid (LM-BFF: 2,4,8)")
+    g.add_argument("--lr", type=comma_list(float, "numbers"), default=[1e-5], help="learning-rate grid (LM-BFF: 1e-5,2e-5,5e-5)")
+    g.add_argument("--finetune-lr", type=comma_list(float, "numbers"), help="learning-rate grid for standard fine-tuning (default: --lr)")
+    g.add_argument("--batch-size", type=comma_list(int, "integers"), default=[8], help="batch-size grid (LM-BFF: 2,4,8)")
     g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
     g.add_argument("--max-length", type=int, default=128, help="prompt length without demonstrations")
     g.add_argument("--eval-batch-size", type=int, default=16)
@@ -77,7 +63,7 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Any:
     """Build the ExperimentConfig from parsed arguments."""
     from fsserve.data import default_data_dir
-    from fsserve.experiment import ExperimentConfig
+    from fsserve.experiment.protocol import ExperimentConfig
 
     return ExperimentConfig(
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_dir=str(args.data or default_data_dir() / "k-shot"),
@@ -91,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def _progress(config: Any) -> Any:
     """A per-cell callback that prints one progress line (computed cells show their time, others 'cached')."""
-    from fsserve.experiment import iter_cells
+    from fsserve.experiment.protocol import iter_cells
 
     total = sum(1 for _ in iter_cells(config))
     done = 0
@@ -113,7 +99,7 @@ def _start_workers(config: Any, extra: int, threads: int) -> list[tuple[subproce
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    code = "import sys; from fsserve.cli_experiment import worker_main; sys.exit(worker_main(sys.argv[1]))"
+    code = "import sys; from fsserve.cli.experiment import worker_main; sys.exit(worker_main(sys.argv[1]))"
     workers = []
     for i in range(1, extra + 1):
         log = out / f"worker-{i}.log"
@@ -127,7 +113,7 @@ def worker_main(config_json: str) -> int:
     """Entry point of a helper started by ``--workers``: run the same experiment, claiming free cells."""
     import json
 
-    from fsserve.experiment import ExperimentConfig, run_experiment
+    from fsserve.experiment.protocol import ExperimentConfig, run_experiment
 
     logging.basicConfig(level=logging.WARNING)
     config = ExperimentConfig.from_dict(json.loads(config_json))
@@ -137,8 +123,9 @@ def worker_main(config_json: str) -> int:
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     """Run the protocol, printing one line per cell, then the table and where the reports are."""
-    from fsserve.experiment import run_experiment
+    from fsserve.experiment.protocol import run_experiment
 
+    check_model_source(args.model, try_hub=False)  # cached cells never load it
     if args.workers < 1:
         print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
@@ -159,11 +146,11 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     failed = [log for proc, log in workers if proc.wait() != 0]
     print()
     print(report["table"], end="")
-    from fsserve.published import published_table
+    from fsserve.experiment.published import published_table
 
     theirs = published_table(config.tasks, config.methods)
     if theirs:
-        print("\nLM-BFF's published RoBERTa-large numbers (theirs, not run here; sources in fsserve/published.py):")
+        print("\nLM-BFF's published RoBERTa-large numbers (theirs, not run here; sources in fsserve/experiment/published.py):")
         print(theirs, end="")
     out = Path(config.out_dir)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
@@ -171,14 +158,3 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         print(f"a helper worker failed (its cells were taken over): see {', '.join(map(str, failed))}", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Keep ``python -m fsserve.cli_experiment`` working: it is the ``fsserve`` command itself."""
-    from fsserve.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """``fsserve export MODEL_DIR OUT_DIR``: a saved model to a validated bundle (and a Triton repository).
 
-Wired into fsserve/cli.py with ``add_export_parser(subparsers)``; the handler is set as the
+Wired into fsserve/cli/main.py with ``add_export_parser(subparsers)``; the handler is set as the
 subparser's ``func`` default, so the main CLI calls ``args.func(args)``. This module prints
 (it is the CLI); the library it calls only logs.
 """
@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+
+from fsserve.cli.args import check_model_source
 
 logger = logging.getLogger("fsserve.cli")
 
@@ -50,6 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Run the export command: load, export (validated), optionally write the Triton repository."""
     from fsserve.modeling import MODEL_CONFIG, PromptModel
 
+    check_model_source(args.model_dir, saved=True)
     model_dir = Path(args.model_dir)
     if not (model_dir / MODEL_CONFIG).is_file():
         raise ValueError(f"{model_dir} is not a saved fsserve model (no {MODEL_CONFIG}); train one with `fsserve train` first")
@@ -84,14 +87,3 @@ def run_export(args: argparse.Namespace) -> int:
         )
         print(f"wrote Triton model repository {target}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Keep ``python -m fsserve.cli_export`` working: it is the ``fsserve`` command itself."""
-    from fsserve.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

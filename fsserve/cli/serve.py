@@ -1,6 +1,6 @@
 """`fsserve serve` and `fsserve client`: the command-line face of fsserve.serving.
 
-``add_serve_parsers(subparsers)`` adds both subcommands to the main parser in fsserve/cli.py; each
+``add_serve_parsers(subparsers)`` adds both subcommands to the main parser in fsserve/cli/main.py; each
 sets ``func`` to a ``cmd_*`` function taking the parsed arguments and returning an exit code.
 """
 
@@ -12,13 +12,18 @@ import logging
 import sys
 from typing import Any
 
+from fsserve.cli.args import check_model_source
+
 logger = logging.getLogger("fsserve.cli")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the given bundles or saved models until SIGTERM/SIGINT, then drain and exit 0."""
     from fsserve.serving import ServerConfig, serve
+    from fsserve.serving.config import parse_model_spec
 
+    for spec in args.models:
+        check_model_source(parse_model_spec(spec)[1], saved=True)
     config = ServerConfig.from_specs(
         list(args.models),
         host=args.host,
@@ -103,14 +108,3 @@ def add_serve_parsers(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before the call is given up")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_client)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Keep ``python -m fsserve.cli_serve`` working: it is the ``fsserve`` command itself."""
-    from fsserve.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

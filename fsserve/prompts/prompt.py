@@ -1,7 +1,7 @@
 """Prompts: a parsed template and label words bound to a tokenizer, encoding examples for the LM.
 
 Templates in either syntax (readable ``"{sent_0} It was {mask}."`` or LM-BFF's
-``"*cls**sent_0*_It_was*mask*.*sep+*"``) are parsed by :mod:`fsserve.templates`. The label words of
+``"*cls**sent_0*_It_was*mask*.*sep+*"``) are parsed by :mod:`fsserve.prompts.templates`. The label words of
 a mask with a leading space are tokenized with that space (LM-BFF's ``Ġgreat``).
 
 Label words must each be a single token of the model's vocabulary (LM-BFF's choice): a word that
@@ -15,15 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fsserve.templates import Part, Template, decoder_template, parse_label_words
+from fsserve.prompts.templates import Part, Template, decoder_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsserve.config import PromptConfig
     from fsserve.data import Example
-
-# Part, Template, decoder_template and parse_label_words live in fsserve.templates; they stay
-# importable from here, where users of the prompt API have always found them.
-__all__ = ["Encoded", "Part", "Prompt", "Template", "decoder_template", "example_texts", "parse_label_words"]
 
 logger = logging.getLogger(__name__)
 

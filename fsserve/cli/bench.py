@@ -1,7 +1,7 @@
 """``fsserve bench BUNDLE_OR_MODEL``: every backend against the plain-transformers baseline, in one run.
 
-Wired into fsserve/cli.py with ``add_bench_parser(subparsers)``; the handler is the subparser's
-``func`` default. This module prints (it is the CLI); fsserve.bench only logs.
+Wired into fsserve/cli/main.py with ``add_bench_parser(subparsers)``; the handler is the subparser's
+``func`` default. This module prints (it is the CLI); fsserve.bench.run only logs.
 """
 
 from __future__ import annotations
@@ -10,29 +10,14 @@ import argparse
 import logging
 from typing import Any
 
+from fsserve.cli.args import check_model_source, comma_list
+
 logger = logging.getLogger("fsserve.cli")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """Parse ``1,8,32`` into integers, naming the bad item otherwise."""
-    try:
-        values = tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    """Parse ``torch,onnx-int8`` into names (``all`` stays None: every backend)."""
-    names = tuple(item.strip() for item in text.split(",") if item.strip())
-    return names
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``bench`` command on the main CLI's subparsers and return its parser."""
-    from fsserve.bench_backends import ALL_BACKENDS
+    from fsserve.bench.backends import ALL_BACKENDS
 
     p = subparsers.add_parser(
         "bench",
@@ -41,10 +26,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and write JSON, a markdown table and a latency plot.",
     )
     p.add_argument("model", metavar="BUNDLE_OR_MODEL", help="an exported bundle, a saved model folder, or an LM name (e.g. embedded, with SST-2's prompt)")
-    p.add_argument("--backends", type=_name_list, default=None,
+    p.add_argument("--backends", type=comma_list(str, "names"), default=None,
                    help=f"comma-separated, from {', '.join(ALL_BACKENDS)} (default: all; those this machine lacks are listed with the reason)")
-    p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="default 1,8,32")
-    p.add_argument("--seq-lens", type=_int_list, default=(32, 128), help="prompt lengths in tokens (default 32,128)")
+    p.add_argument("--batch-sizes", type=comma_list(int, "integers"), default=(1, 8, 32), help="default 1,8,32")
+    p.add_argument("--seq-lens", type=comma_list(int, "integers"), default=(32, 128), help="prompt lengths in tokens (default 32,128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the torch backends run, and which backends are the default")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights of the torch backends and the transformers baseline (ONNX graphs stay fp32)")
@@ -64,8 +49,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--agreement-max", type=int, help="at most this many agreement examples")
     p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only"], help="how the int8 graph is made when the bundle has none")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
-    p.add_argument("--int8-exclude", type=_name_list, default=(), help="op types left in fp32, e.g. Gather")
-    p.add_argument("--int8-nodes", type=_name_list, default=(), help="quantise only the MatMuls whose name contains one of these, e.g. down_proj")
+    p.add_argument("--int8-exclude", type=comma_list(str, "names"), default=(), help="op types left in fp32, e.g. Gather")
+    p.add_argument("--int8-nodes", type=comma_list(str, "names"), default=(), help="quantise only the MatMuls whose name contains one of these, e.g. down_proj")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md, bench.png and cached graphs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_bench_command)
@@ -76,11 +61,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     """Run the bench, write its outputs and print the table."""
     import os
 
+    check_model_source(args.model)
     if not args.spinning:
         # Read by libgomp when torch loads it, so it must be set before torch is imported.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from fsserve.bench import BenchConfig, run_bench
-    from fsserve.bench_report import to_markdown, write_outputs
+    from fsserve.bench.run import BenchConfig, run_bench
+    from fsserve.bench.report import to_markdown, write_outputs
 
     cfg = BenchConfig(
         backends=None if args.backends in (None, ("all",)) else args.backends,
@@ -111,14 +97,3 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(to_markdown(record))
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Keep ``python -m fsserve.cli_bench`` working: it is the ``fsserve`` command itself."""
-    from fsserve.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

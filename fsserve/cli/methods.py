@@ -11,11 +11,11 @@ from typing import Any
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     """The model, data, prompt and optimisation arguments both reports share."""
-    from fsserve.cli import _add_data_args, _add_prompt_args
+    from fsserve.cli.args import add_data_args, add_prompt_args
 
     p.add_argument("model", nargs="?", default="embedded", help="HF name or folder of an encoder MLM or decoder LM (default: embedded)")
-    _add_data_args(p, "test")
-    _add_prompt_args(p)
+    add_data_args(p, "test")
+    add_prompt_args(p)
     p.add_argument("--steps", type=int, default=60, help="optimiser steps per method / probe")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
@@ -23,16 +23,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _data(args: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], list[Any], str]:
     """Prompt, task, train/dev/eval examples and metric from the shared arguments."""
-    from fsserve.cli import _eval_examples, _model_kind, _prompt_config, _task_and_data
+    from fsserve.cli.args import check_model_source, eval_examples, model_kind, prompt_config, task_and_data
     from fsserve.data import load_kshot
 
-    task, data = _task_and_data(args)
+    check_model_source(args.model)
+    task, data = task_and_data(args)
     if task is None:
         raise ValueError("give --task: the reports train on a task's k-shot split")
-    prompt = _prompt_config(args, task, _model_kind(args.model))
+    prompt = prompt_config(args, task, model_kind(args.model))
     train = load_kshot(task, data, k=args.k, seed=args.seed, split="train")
     dev = load_kshot(task, data, k=args.k, seed=args.seed, split="dev")
-    test = _eval_examples(args, task, data, prompt.labels, prompt.is_regression)
+    test = eval_examples(args, task, data, prompt.labels, prompt.is_regression)
     return prompt, task, train, dev, test, task.metric
 
 

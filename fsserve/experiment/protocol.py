@@ -7,13 +7,13 @@ as its own JSON file, named by a hash of everything that decides its result (mod
 steps, learning rate, ...), so an interrupted run resumes where it stopped and a finished cell is
 never recomputed; changing a setting starts a fresh cell beside the old one.
 Several processes may share one run (``fsserve experiment --workers N``, or the same command in
-several shells): each claims a cell before computing it (``fsserve.cell_lock``).
+several shells): each claims a cell before computing it (``fsserve.experiment.cell_lock``).
 
 Methods (LM-BFF, Table 3): ``zero-shot`` (the prompt, untrained), ``in-context`` (GPT-3 style,
-``fsserve.baselines``), ``finetune`` (standard fine-tuning, a new head), ``prompt`` (prompt-based
+``fsserve.experiment.baselines``), ``finetune`` (standard fine-tuning, a new head), ``prompt`` (prompt-based
 fine-tuning), ``prompt-demo`` / ``prompt-demo-similar`` (with random / SBERT-similar demonstrations
 drawn from the training set; evaluation averages ``num_sample`` draws, LM-BFF: 16).
-Reports (markdown table, JSON, grouped-bar plot) are in ``fsserve.experiment_report``.
+Reports (markdown table, JSON, grouped-bar plot) are in ``fsserve.experiment.report``.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
                       train_seconds=round(result.seconds, 1), final_loss=result.losses[-1] if result.losses else None)
         record["test"] = trainer.evaluate(test)["score"]
     elif cell.method == "in-context":
-        from fsserve.baselines import in_context_logits
+        from fsserve.experiment.baselines import in_context_logits
         from fsserve.metrics import compute_metric
 
         logits, sizes = in_context_logits(model, train, test, seed=cell.seed, max_examples=config.context_examples,
@@ -308,12 +308,12 @@ def run_experiment(config: ExperimentConfig, runner: Runner | None = None,
 
     ``runner`` computes one cell (default :func:`run_cell`); ``on_cell(cell, record, cached)`` is called
     after each cell (the CLI prints progress with it). Several processes may run the same experiment at
-    once: each claims a cell before computing it (``fsserve.cell_lock``), skips cells another worker
+    once: each claims a cell before computing it (``fsserve.experiment.cell_lock``), skips cells another worker
     holds, and at the end waits (polling every ``poll_seconds``) for their results, or takes a cell over
     if its worker died.
     """
-    from fsserve.cell_lock import release, try_claim
-    from fsserve.experiment_report import write_reports
+    from fsserve.experiment.cell_lock import release, try_claim
+    from fsserve.experiment.report import write_reports
 
     runner = runner or run_cell
     records: dict[int, dict[str, Any]] = {}

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.bench import BenchConfig, cell_rows, summarize, time_cell
-from fsserve.bench_backends import BenchBackend, Subject
-from fsserve.bench_memory import PeakMemory
+from fsserve.bench.backends import BenchBackend, Subject
+from fsserve.bench.memory import PeakMemory
+from fsserve.bench.timing import BenchConfig, cell_rows, summarize, time_cell
 
 
 def demo_pool(subject: Subject) -> tuple[Any, str]:
@@ -31,7 +31,7 @@ def demo_pool(subject: Subject) -> tuple[Any, str]:
     if model.demo_index is not None:
         return model.demo_index, "the model's own pool"
     if (Path(subject.source) / "manifest.json").is_file():
-        from fsserve.bundle import load_bundle_demos
+        from fsserve.predictor import load_bundle_demos
 
         index = load_bundle_demos(subject.source)
         if index is not None:
@@ -57,7 +57,7 @@ def _unsuffixed(state: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict
 def demo_costs(subject: Subject, backends: list[BenchBackend], texts: list[str], cfg: BenchConfig, probe: PeakMemory, bar: Any = None,
                deadline: Callable[[int], float | None] | None = None) -> dict[str, Any]:
     """Per batch size: selection time, and every backend with and without demonstrations (interleaved)."""
-    from fsserve.demo_prompts import DemoPrompt
+    from fsserve.demos.prompting import DemoPrompt
     from fsserve.predictor import pad_batch
     from fsserve.prompts import Prompt
 
@@ -83,7 +83,7 @@ def demo_costs(subject: Subject, backends: list[BenchBackend], texts: list[str],
         plain = pad_batch(prompt.encode(queries), model.pad_token_id, model.uses_token_types)
         with_demos = pad_batch(demo_prompt.encode(queries, index.demos(chosen)), model.pad_token_id, model.uses_token_types)
         width = int(with_demos["input_ids"].shape[1])
-        active = list(backends)  # an oversize baseline batch goes through in slices (bench_backends.baseline_rows)
+        active = list(backends)  # an oversize baseline batch goes through in slices (fsserve.bench.backends.baseline_rows)
         bound = [_bound(b, plain, "") for b in active] + [_bound(b, with_demos, "+demos") for b in active]
         state = time_cell(bound, plain, cfg, probe, bar, deadline(batch_size * cfg.demo_max_length) if deadline else None)
         plain_state = {b.name: state[b.name] for b in active}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.published import PAPER, published_rows, published_table
+from fsserve.experiment.published import PAPER, published_rows, published_table
 from fsserve.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def write_reports(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
             "seeds, each seed's setting chosen by dev. Settings: see results.json.\n\n" + table)
     if theirs:
         text += (f"\n**Theirs** (not run here): {PAPER}. Cells no source could confirm are marked so; "
-                 "where each number was read: `fsserve/published.py`.\n\n" + theirs)
+                 "where each number was read: `fsserve/experiment/published.py`.\n\n" + theirs)
     tmp = out / f".results.md.{os.getpid()}.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out / "results.md")

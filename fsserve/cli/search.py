@@ -1,7 +1,7 @@
 """``fsserve search labels|templates``: automatic label words and templates (LM-BFF), printed best first.
 
-Wired into fsserve/cli.py with ``add_search_parser(subparsers)``; each subcommand's handler is set
-as its ``func`` default. This module prints (it is the CLI); fsserve.search only logs.
+Wired into fsserve/cli/main.py with ``add_search_parser(subparsers)``; each subcommand's handler is set
+as its ``func`` default. This module prints (it is the CLI); fsserve.search.label_words only logs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``search`` with its ``labels`` and ``templates`` subcommands on the main CLI's subparsers."""
-    from fsserve.cli import _add_data_args, _add_prompt_args
+    from fsserve.cli.args import add_data_args, add_prompt_args
 
     parser = subparsers.add_parser("search", help="find label words or templates automatically (LM-BFF)")
     sub = parser.add_subparsers(dest="search_command", required=True)
@@ -30,8 +30,8 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--freeze-embeddings", action="store_true")
         p.add_argument("--json", action="store_true", help="one JSON object per candidate")
-        _add_data_args(p, None)
-        _add_prompt_args(p)
+        add_data_args(p, None)
+        add_prompt_args(p)
     labels.add_argument("--candidates-per-class", type=int, default=30, help="k: whole-word tokens kept per class")
     labels.set_defaults(func=run_search_labels)
     templates.add_argument("--t5", help="a T5-family model (name or folder) that fills <extra_id_i> spans")
@@ -44,13 +44,14 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], list[Any], str]:
     """Load the scoring model with the (manual or given) prompt, the train/dev examples and the metric."""
-    from fsserve.cli import _load_train_dev, _model_kind, _prompt_config, _task_and_data
+    from fsserve.cli.args import check_model_source, load_train_dev, model_kind, prompt_config, task_and_data
     from fsserve.modeling import PromptModel
 
-    task, data = _task_and_data(args)
-    prompt = _prompt_config(args, task, _model_kind(args.model))
+    check_model_source(args.model)
+    task, data = task_and_data(args)
+    prompt = prompt_config(args, task, model_kind(args.model))
     model = PromptModel.from_pretrained(args.model, prompt=prompt)
-    train, dev = _load_train_dev(args, task, data)
+    train, dev = load_train_dev(args, task, data)
     if args.rank and not dev:
         raise ValueError("--rank needs dev examples (a k-shot task, or --dev FILE)")
     return model, train, dev, task.metric if task is not None else "acc"
@@ -59,7 +60,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], list[Any], str]:
 def _rank(model: Any, candidates: list[Any], configs: list[Any], train: list[Any], dev: list[Any], args: argparse.Namespace, metric: str) -> list[Any]:
     """Re-rank the best ``--rank`` candidates on dev (zero-shot or after ``--rank-steps`` of fine-tuning)."""
     from fsserve.config import TrainingArguments
-    from fsserve.search import rerank, score_prompts
+    from fsserve.search.label_words import rerank, score_prompts
 
     if not args.rank:
         return candidates
@@ -83,7 +84,7 @@ def _print(rows: list[dict[str, Any]], as_json: bool) -> None:
 def run_search_labels(args: argparse.Namespace) -> int:
     """Search label words for the template and print the best combinations."""
     from fsserve.config import PromptConfig
-    from fsserve.search import search_label_words
+    from fsserve.search.label_words import search_label_words
 
     model, train, dev, metric = _setup(args)
     found = search_label_words(model, train, k=args.candidates_per_class, num_candidates=args.top, metric=metric)
@@ -97,7 +98,7 @@ def run_search_labels(args: argparse.Namespace) -> int:
 def run_search_templates(args: argparse.Namespace) -> int:
     """Generate templates (T5 spans or decoder continuations) for the label words and print the best."""
     from fsserve.config import PromptConfig
-    from fsserve.template_search import decoder_templates, t5_templates
+    from fsserve.search.templates import decoder_templates, t5_templates
 
     model, train, dev, metric = _setup(args)
     base = model.prompt_config

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.bench_memory import LoadMemory
+from fsserve.bench.memory import LoadMemory
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,132 @@
+"""Writing a bundle: the validated graph, tokenizer, prompt, demonstrations and manifest, in one atomic step.
+
+The bundle's format and its reader live in :mod:`fsserve.bundle` (torch-free); this module is the
+writing side, which needs the model (passed in, never imported) and the ONNX exporter.
+
+>>> from fsserve.exporters.bundle import export_bundle
+>>> export_bundle(model, "bundles/sst2", quantize="int8")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fsserve.bundle import CONFIG, DEMOS_DIR, TOKENIZER_DIR, TORCH_DIR, BundleTokenizer, tokenizer_record, write_manifest
+from fsserve.exporters import onnx as ox
+from fsserve.utils.atomic import atomic_directory, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+# Strings the tokenizer adapter must encode exactly as the HF tokenizer does before a bundle is written.
+_PROBES = ("x", "A fine film.", " great", "It was terrible!", "naïve café, 3.5/10")
+
+
+def export_bundle(model: Any, directory: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
+    """Write the validated graph and everything the Predictor needs into a bundle folder (see fsserve.bundle)."""
+    if format == "tensorrt":
+        from fsserve.exporters.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        kwargs.setdefault("optimize", False)  # TensorRT cannot run onnxruntime's contrib fusion ops
+    elif format != "onnx":
+        raise ValueError(f"unknown export format {format!r}: use 'onnx' or 'tensorrt'")
+    return write_bundle(model, directory, target=format, **kwargs)
+
+
+def write_bundle(
+    model: Any,
+    directory: str | Path,
+    target: str = "onnx",
+    quantize: str | None = None,
+    fp16: bool = False,
+    optimize: bool = True,
+    validate: bool = True,
+    validation_texts: Sequence[Any] | None = None,
+    int8_mode: str = "auto",
+    per_channel: bool = False,
+    exclude_op_types: Sequence[str] = (),
+    int8_nodes: Sequence[str] = (),
+    torch_weights: bool = True,
+    demos: Any = None,
+    atol: float | None = None,
+) -> Path:
+    """Export, validate and optimise the graph, then write the whole bundle atomically; return its path."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantize {quantize!r}: the only option is 'int8'")
+    if quantize and fp16:
+        raise ValueError("choose one of quantize='int8' (CPU) and fp16=True (GPU), not both")
+    directory = Path(directory)
+    if demos is None:
+        demos = getattr(model, "demo_index", None)  # a model trained with demonstrations ships its pool
+    info: dict[str, Any] = {"model_name": str(getattr(model, "source", None) or model.lm.config.model_type), "target": target, "opset": ox.OPSET}
+    with atomic_directory(directory) as tmp, tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.work.") as work_dir:
+        work = Path(work_dir)
+        fp32 = work / "fp32.onnx"
+        input_names = ox.export_graph(model, fp32)
+        info["optimization"] = ox.optimize_graph(fp32, model) if optimize else {"fusions": None}
+        if validate:
+            info["validation"] = ox.validate_graph(model, fp32, atol=ox.FP32_ATOL if atol is None else atol)
+        graph = tmp / ox.GRAPH_FILE
+        if quantize or fp16:
+            if quantize:
+                mode = ox.default_int8_mode(model) if int8_mode == "auto" else int8_mode
+                info["quantization"] = ox.quantize_int8(fp32, graph, mode, per_channel, exclude_op_types, int8_nodes)
+            else:
+                ox.convert_fp16(fp32, graph)
+            if validation_texts is not None:
+                batches = ox.text_batches(model, validation_texts)
+            else:
+                batches = [case.batch for case in ox.shape_grid(model) if "right" in case.label]
+            measured_on = f"{len(validation_texts)} validation texts" if validation_texts is not None else "random right-padded shape grid"
+            info["agreement_with_fp32"] = ox.agreement(fp32, graph, batches) | {"on": measured_on}
+            logger.info("%s agreement with fp32: %s", quantize or "fp16", info["agreement_with_fp32"])
+        else:
+            os.replace(fp32, graph)
+        info["precision"] = quantize or ("fp16" if fp16 else "fp32")
+        info["graph"] = ox.GRAPH_FILE
+        info["inputs"] = input_names
+        model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        _check_adapter(model.tokenizer, tmp / TOKENIZER_DIR, plain=model.method == "finetune")
+        config = model.metadata() | {"tokenizer": tokenizer_record(model.tokenizer), "pad_token_id": model.pad_token_id, "inputs": input_names}
+        write_json_atomic(tmp / CONFIG, config)
+        if torch_weights:
+            model.save_pretrained(tmp / TORCH_DIR)
+        info["torch"] = TORCH_DIR if torch_weights else None
+        if demos is not None:
+            demos.save(tmp / DEMOS_DIR)
+        info["demos"] = DEMOS_DIR if demos is not None else None
+        write_manifest(tmp, info)
+    logger.info("wrote bundle %s (%s)", directory, info["precision"])
+    return directory
+
+
+def _check_adapter(tokenizer: Any, folder: Path, plain: bool = False) -> None:
+    """Refuse to write a bundle whose tokenizer.json does not reproduce the HF tokenizer.
+
+    ``plain``: also check plain-text encoding (pairs, token types, longest-first truncation), which
+    a standard fine-tuned model's bundle uses instead of the prompt.
+    """
+    adapter = BundleTokenizer.from_folder(folder, tokenizer_record(tokenizer))
+    for text in _PROBES:
+        for special in (False, True):
+            want = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+            got = adapter(text, add_special_tokens=special)["input_ids"]
+            if want != got:
+                raise ValueError(f"tokenizer.json encodes {text!r} as {got}, the model's tokenizer as {want}: this tokenizer cannot be bundled")
+    if not plain:
+        return
+    firsts, seconds = list(_PROBES[1:]), list(reversed(_PROBES[1:]))
+    for pair in (None, seconds):
+        for max_length in (7, 64):
+            kwargs = dict(truncation=True, max_length=max_length, return_token_type_ids=True)
+            want = tokenizer(firsts, pair, **kwargs)
+            got = adapter(firsts, pair, **kwargs)
+            want_types = want.get("token_type_ids") or [[0] * len(ids) for ids in want["input_ids"]]
+            if [list(x) for x in want["input_ids"]] != got["input_ids"] or [list(x) for x in want_types] != got["token_type_ids"]:
+                raise ValueError(f"tokenizer.json encodes text pairs (max_length {max_length}) unlike the model's tokenizer: "
+                                 "this fine-tuned model's tokenizer cannot be bundled")
