@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from fsserve.bench.report import machine_info, write_text_atomic
+from fsserve.bench.report import machine_info, write_json_and_markdown
 from fsserve.bench.run import load_texts
-from fsserve.utils.atomic import write_json_atomic
 
 MODEL_NAME = "bench"
 
@@ -47,10 +46,10 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 class ServerProcess:
     """``fsserve serve`` in a child process on a free loopback port; stopped with SIGTERM (it drains)."""
 
-    def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None) -> None:
+    def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None, device: str | None = None) -> None:
         command = [sys.executable, "-m", "fsserve", "serve", f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1",
                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(delay_ms), "--backend", backend,
-                   "--max-queue-size", "1024"]
+                   "--max-queue-size", "1024"] + (["--device", device] if device else [])
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -130,13 +129,13 @@ def drive(url: str, texts: list[str], concurrency: int, requests: int, warmup: i
             "throughput_per_s": len(latencies) / wall, **percentiles(latencies)}
 
 
-def overhead(url: str, bundle: str, backend: str, texts: list[str], pairs: int, threads: int | None) -> dict[str, Any]:
+def overhead(url: str, bundle: str, backend: str, texts: list[str], pairs: int, threads: int | None, device: str | None = None) -> dict[str, Any]:
     """Batch-1 latency through the server vs the same Predictor in process, interleaved call by call."""
     from fsserve.predictor import Predictor
     from fsserve.serving import InferenceClient
 
     kwargs = {"intra_op_num_threads": threads} if threads and backend == "onnx" else {}
-    predictor = Predictor.from_pretrained(bundle, backend=backend, batch_size=1, **kwargs)
+    predictor = Predictor.from_pretrained(bundle, backend=backend, device=device, batch_size=1, **kwargs)
     grpc_ms, local_ms = [], []
     with InferenceClient(url, timeout=600.0) as client:
         for i in range(pairs + 3):
@@ -184,6 +183,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=5.0, help="the batcher's queue delay when batching")
     parser.add_argument("--threads", type=int, help="onnxruntime threads for the in-process Predictor (OMP_NUM_THREADS for the server)")
     parser.add_argument("--texts", help="CSV/JSONL of sentences (default: SST-2 dev from the shared data)")
+    parser.add_argument("--device", help="the server's and the in-process Predictor's device (cpu, cuda; default: cuda when available)")
     parser.add_argument("--out", default="out/bench_grpc.json")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -192,15 +192,15 @@ def main() -> None:
     backend = args.backend if args.backend != "auto" else ("onnx" if (Path(args.bundle) / "manifest.json").is_file() else "torch")
     texts, source = load_texts(args.texts)
     record: dict[str, Any] = {"benchmark": "bench_grpc", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": args.bundle,
-                              "backend": backend, "texts": source, "machine": machine_info(args.threads), "runs": []}
+                              "backend": backend, "device": args.device, "texts": source, "machine": machine_info(args.threads), "runs": []}
     modes = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.batching]
     for mode in modes:
-        server = ServerProcess(args.bundle, 32 if mode == "on" else 1, args.delay_ms, backend, args.threads)
+        server = ServerProcess(args.bundle, 32 if mode == "on" else 1, args.delay_ms, backend, args.threads, args.device)
         try:
             url = f"127.0.0.1:{server.port}"
             if mode == "off":
                 print("overhead vs in-process Predictor at batch 1 ...", flush=True)
-                record["overhead"] = overhead(url, args.bundle, backend, texts, args.pairs, args.threads)
+                record["overhead"] = overhead(url, args.bundle, backend, texts, args.pairs, args.threads, args.device)
             for c in concurrencies:
                 print(f"batching {mode}, concurrency {c}: {args.requests} requests ...", flush=True)
                 run = drive(url, texts, c, args.requests, args.warmup)
@@ -209,10 +209,7 @@ def main() -> None:
         finally:
             server.stop()
     record["machine"]["load_avg_after"] = list(os.getloadavg())
-    out = Path(args.out)
-    write_json_atomic(out, record)
-    markdown = write_text_atomic(out.with_suffix(".md"), to_markdown(record)).read_text(encoding="utf-8")
-    print(f"\n{markdown}\nwrote {out} and {out.with_suffix('.md')}")
+    print(write_json_and_markdown(args.out, record, to_markdown(record)))
 
 
 if __name__ == "__main__":

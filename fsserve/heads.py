@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsserve.utils.device import stream_capturing
+
 
 def tracing() -> bool:
     """Say whether the forward is being traced, exported or compiled, where the fused kernel must give way to plain torch."""
@@ -129,9 +131,11 @@ class LabelWordHead(nn.Module):
             t = self.transform
             transform = HeadTransform(t.dense.weight, t.dense.bias, t.norm.weight, t.norm.bias, float(t.norm.eps))
         word_map = None if self.one_word_per_class else self.word_to_class
+        # The host-side range checks sync with the GPU, which a CUDA graph capture forbids; a captured
+        # graph gets its inputs from GraphBackend, which checks them on the host before every replay.
         return label_logits(
             hidden, answer_pos, self.label_weight(), self.label_bias(), transform=transform,
-            word_to_class=word_map, num_labels=self.num_labels,
+            word_to_class=word_map, num_labels=self.num_labels, validate=not stream_capturing(),
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -103,13 +103,17 @@ class Predictor:
         return cls.from_model(model, device=device, batch_size=batch_size, **kwargs)
 
     @classmethod
-    def from_model(cls, model: Any, device: str | None = None, batch_size: int = 32, **kwargs: Any) -> Predictor:
-        """Wrap an in-memory PromptModel (e.g. right after training), or a PromptEnsemble."""
+    def from_model(cls, model: Any, device: str | None = None, batch_size: int = 32, cuda_graphs: bool | None = None,
+                   **kwargs: Any) -> Predictor:
+        """Wrap an in-memory PromptModel (e.g. right after training), or a PromptEnsemble.
+
+        On CUDA the model runs as captured CUDA graphs in bfloat16 (``cuda_graphs=False``: eager, in
+        the model's dtype unless ``dtype`` says otherwise); ``kwargs`` go to the backend (``dtype``,
+        ``batch_buckets``, ``seq_buckets``, ``warmup``, ``compile`` for the graphs; ``num_threads``).
+        """
         if hasattr(model, "members"):
             return EnsemblePredictor.from_model(model, device=device, batch_size=batch_size, **kwargs)
-        from fsserve.runtime.torch import TorchBackend
-
-        backend = TorchBackend(model, device=device, **kwargs)
+        backend = torch_backend(model, device, cuda_graphs, **kwargs)
         cfg = model.prompt_config
         return cls(
             backend,
@@ -187,6 +191,26 @@ class Predictor:
         return [self.labels[i] for i in probs.argmax(-1)]
 
 
+
+def torch_backend(model: Any, device: str | None = None, cuda_graphs: bool | None = None, **kwargs: Any) -> Any:
+    """The torch backend for a model: CUDA graphs by default on a GPU, eager elsewhere or when asked."""
+    from fsserve.utils.device import resolve_device
+
+    resolved = resolve_device(device)
+    on_cuda = resolved.startswith("cuda")
+    if cuda_graphs and not on_cuda:
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {resolved!r}")
+    if on_cuda and cuda_graphs is not False:
+        from fsserve.runtime.graphs import GraphBackend
+
+        return GraphBackend(model, device=resolved, **kwargs)
+    from fsserve.runtime.torch import TorchBackend
+
+    graph_only = sorted(set(kwargs) & {"batch_buckets", "seq_buckets", "warmup", "compile"})
+    if graph_only:
+        raise ValueError(f"{', '.join(graph_only)} only apply to the CUDA-graph backend (device='cuda', cuda_graphs not False)")
+    return TorchBackend(model, device=resolved, **kwargs)
+
 class EnsemblePredictor(Predictor):
     """A Predictor whose backend takes P example-major rows per text and returns one row of logits per text.
 
@@ -246,7 +270,7 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
     prompt = Prompt(prompt_config, tokenizer, config["kind"])
     if prompt.label_word_ids != config["label_word_ids"]:
         raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
-    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
+    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **onnx_options(root, device, kwargs))
     encode = prompt.encode
     finetuned = config.get("method") == "finetune"
     if finetuned:  # standard fine-tuning reads the plain text, not the prompt
@@ -291,6 +315,24 @@ def load_ensemble_predictor(root: str | Path, config: dict[str, Any], backend: s
         if prompt.label_word_ids != record["label_word_ids"]:
             raise BundleError(f"{root / TOKENIZER_DIR}: member {i}'s label words tokenize to {prompt.label_word_ids}, the graph was exported for {record['label_word_ids']}")
         prompts.append(prompt)
-    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **kwargs)
+    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **onnx_options(root, device, kwargs))
     num_sentences = max(p.template.num_sentences for p in prompts)
     return EnsemblePredictor(runner, [p.encode for p in prompts], config["labels"], int(config["pad_token_id"]), num_sentences, batch_size)
+
+
+def trt_cache_dir(bundle: str | Path) -> Path:
+    """Where TensorRT keeps the engines it builds for a bundle: beside it, so the bundle stays verified and portable."""
+    root = Path(bundle).resolve()
+    return root.parent / f"{root.name}.trt-cache"
+
+
+def onnx_options(root: Path, device: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The OnnxBackend options for a bundle: TensorRT's engine cache beside it unless one is given."""
+    options = dict(kwargs)
+    torch_only = sorted(set(options) & {"cuda_graphs", "dtype", "batch_buckets", "seq_buckets", "warmup", "compile"})
+    if torch_only:
+        raise ValueError(f"{', '.join(torch_only)} apply to the torch backend, not to onnx")
+    if str(device or "").startswith("tensorrt") and options.get("trt_cache_dir") is None:
+        options["trt_cache_dir"] = trt_cache_dir(root)
+        options["trt_cache_dir"].mkdir(parents=True, exist_ok=True)
+    return options

@@ -66,7 +66,8 @@ def test_schema_and_every_cell(bench_run: tuple[dict[str, Any], dict[str, Path]]
     ran = {r["backend"] for r in record["results"]}
     assert ran == {"transformers", "torch", "onnx-fp32", "onnx-int8"}
     skipped = {s["backend"] for s in record["skipped"]}
-    assert ran | skipped == {"transformers", "torch", "torch-triton", "onnx-fp32", "onnx-int8", "onnx-cuda", "onnx-tensorrt"}
+    assert ran | skipped == {"transformers", "torch", "torch-triton", "torch-graphs", "torch-graphs-compile", "onnx-fp32", "onnx-int8",
+                             "onnx-cuda", "onnx-tensorrt"}
     assert all(s["reason"] for s in record["skipped"])
     cells = {(r["seq_len"], r["batch_size"], r["backend"]) for r in record["results"]}
     assert cells == {(s, b, n) for s in (8, 16) for b in (1, 2) for n in ran}

@@ -34,10 +34,13 @@ from fsserve.bench.memory import LoadMemory
 logger = logging.getLogger(__name__)
 
 BASELINE = "transformers"
-ALL_BACKENDS = ("transformers", "torch", "torch-triton", "onnx-fp32", "onnx-int8", "onnx-cuda", "onnx-tensorrt")
+ALL_BACKENDS = ("transformers", "torch", "torch-triton", "torch-graphs", "torch-graphs-compile", "onnx-fp32", "onnx-int8", "onnx-cuda",
+                "onnx-tensorrt")
 CPU_DEFAULT = ("transformers", "torch", "onnx-fp32", "onnx-int8")
-GPU_DEFAULT = ("transformers", "torch", "torch-triton", "onnx-cuda", "onnx-tensorrt")
-_GPU_ONLY = {"torch-triton", "onnx-cuda", "onnx-tensorrt"}
+GPU_DEFAULT = ("transformers", "torch", "torch-triton", "torch-graphs", "torch-graphs-compile", "onnx-cuda", "onnx-tensorrt")
+_GPU_ONLY = {"torch-triton", "torch-graphs", "torch-graphs-compile", "onnx-cuda", "onnx-tensorrt"}
+# torch.compile inside the captured graphs: the graphs are ours, so compile must not add its own.
+GRAPH_COMPILE_MODE = "default"  # max-autotune compiles each bucket for minutes: past a GPU check's budget
 VALIDATION_ATOL = 1e-2
 _PROVIDER = {"onnx-cuda": "CUDAExecutionProvider", "onnx-tensorrt": "TensorrtExecutionProvider"}
 
@@ -284,17 +287,19 @@ def baseline_rows(model: Any, device: str) -> Callable[[int, int], int]:
 def build_backend(name: str, subject: Subject, device: str, threads: int | None, spinning: bool = True, trt_cache: Path | None = None) -> BenchBackend:
     """Construct one backend (loading its session where it has one) and measure what loading it cost."""
     model = subject.model
-    if name in ("transformers", "torch", "torch-triton"):
+    if name.startswith(("transformers", "torch")):
         import torch
 
         from fsserve.runtime.torch import TorchBackend
 
-        torch_device = "cuda" if name == "torch-triton" else device
+        torch_device = "cuda" if name in _GPU_ONLY else device
         sync = torch.cuda.synchronize if torch_device.startswith("cuda") else (lambda: None)
         if name == "transformers":
             model.to(torch_device)
             run = transformers_baseline(model, torch_device, baseline_rows(model, torch_device))
             return BenchBackend(name, run, torch_device, subject.load_mb, f"HF forward, full logits, {_dtype_name(model)}", sync)
+        if name.startswith("torch-graphs"):
+            return _graph_backend(name, subject, sync)
         runner = TorchBackend(model, device=torch_device)
         fused = torch_device == "cpu" or name == "torch-triton"
 
@@ -318,3 +323,23 @@ def build_backend(name: str, subject: Subject, device: str, threads: int | None,
     with LoadMemory() as loading:
         runner = OnnxBackend(subject.graphs[precision], device=ort_device, **kwargs)
     return BenchBackend(name, lambda batch: runner.label_logits(**batch), runner.device, max(loading.mb, 1e-3), f"{precision} graph, {runner.session.get_providers()[0]}")
+
+
+def _graph_backend(name: str, subject: Subject, sync: Callable[[], None]) -> BenchBackend:
+    """The CUDA-graph backend on the subject's model (its dtype as the bench set it), the Triton head captured inside."""
+    from fsserve.runtime.graphs import GraphBackend
+    from fsserve.utils.device import triton_available
+
+    model = subject.model
+    model.use_fused_head = triton_available()
+    compile_mode = GRAPH_COMPILE_MODE if name == "torch-graphs-compile" else None
+    runner = GraphBackend(model, device="cuda", dtype=None, compile=compile_mode)
+    fused = model.use_fused_head
+
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        model.use_fused_head = fused  # the head a bucket's graph records on its first (capturing) call
+        return runner.label_logits(**batch)
+
+    head = "Triton head" if fused else "torch head"
+    detail = f"CUDA graphs per bucket, {head}{', torch.compile ' + compile_mode if compile_mode else ''}, {_dtype_name(model)}"
+    return BenchBackend(name, run, "cuda", subject.load_mb, detail, sync)

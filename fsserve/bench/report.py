@@ -181,6 +181,14 @@ def write_outputs(record: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
+def write_json_and_markdown(path: str | Path, record: dict[str, Any], markdown: str) -> str:
+    """Write a benchmark script's record as JSON at ``path`` and its markdown beside it (``.md``); return what it says."""
+    out = Path(path)
+    write_json_atomic(out, record)
+    write_text_atomic(out.with_suffix(".md"), markdown)
+    return f"\n{markdown}\nwrote {out} and {out.with_suffix('.md')}"
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file through a temporary sibling and a rename, so a reader never sees half a table."""
     path = Path(path)

@@ -99,6 +99,13 @@ def check_model_source(name: str, saved: bool = False, try_hub: bool = True) -> 
 
 
 # -- shared argument groups ---------------------------------------------------------------
+def add_torch_device_args(p: argparse.ArgumentParser) -> None:
+    """How the torch backend runs on a GPU: CUDA graphs (default there) and the weights' dtype."""
+    p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: run eagerly instead of replaying captured CUDA graphs")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="torch backend weights (default: bfloat16 with CUDA graphs, the saved dtype otherwise)")
+
+
 def add_data_args(p: argparse.ArgumentParser, split_default: str | None) -> None:
     """Arguments that pick a task and its data: a k-shot folder or the user's own files."""
     g = p.add_argument_group("data")

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from fsserve.cli.args import check_model_source
+from fsserve.cli.args import add_torch_device_args, check_model_source
 
 logger = logging.getLogger("fsserve.cli")
 
@@ -35,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_text_bytes=args.max_text_bytes,
         backend=args.backend,
         device=args.device,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+        dtype=args.dtype,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token=args.token,
@@ -91,7 +93,8 @@ def add_serve_parsers(subparsers: Any) -> None:
     p.add_argument("--max-queue-size", type=int, default=256, help="requests that may wait per model; beyond it RESOURCE_EXHAUSTED")
     p.add_argument("--max-text-bytes", type=int, default=8192, help="longest accepted text, in UTF-8 bytes")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="auto: onnx for bundles, torch for saved models")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available); onnx also takes tensorrt")
+    add_torch_device_args(p)
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument("--token", help="require 'authorization: Bearer TOKEN' on every call (health checks excepted)")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fsserve.cli.args import (add_data_args, add_prompt_args, add_training_args, check_model_source, eval_examples,
+from fsserve.cli.args import (add_data_args, add_prompt_args, add_torch_device_args, add_training_args, check_model_source, eval_examples,
                               load_train_dev, model_kind, prompt_config, task_and_data, training_args)
 
 
@@ -98,7 +98,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += [line.strip() for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise ValueError("give texts to classify, or --input FILE with one text per line")
-    predictor = Predictor.from_pretrained(args.model, backend=args.backend, batch_size=args.batch_size)
+    options: dict[str, Any] = {}
+    if args.backend == "torch":
+        options = {k: v for k, v in (("cuda_graphs", False if args.no_cuda_graphs else None), ("dtype", args.dtype)) if v is not None}
+    elif args.no_cuda_graphs or args.dtype:
+        raise ValueError("--no-cuda-graphs and --dtype apply to --backend torch")
+    predictor = Predictor.from_pretrained(args.model, backend=args.backend, device=args.device, batch_size=args.batch_size, **options)
     start = time.perf_counter()
     probs = predictor.predict_proba(texts)
     labels = predictor.labels_from_proba(probs)
@@ -142,6 +147,8 @@ def add_train_parsers(sub: Any) -> None:
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--input", help="file with one text per line")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--device", help="cpu, cuda[:N] or (onnx) tensorrt[:N] (default: cuda when available)")
+    add_torch_device_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_predict)

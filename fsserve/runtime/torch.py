@@ -1,4 +1,8 @@
-"""The torch backend: a PromptModel behind the one backend interface (numpy in, numpy out)."""
+"""The eager torch backend: a PromptModel behind the one backend interface (numpy in, numpy out).
+
+On a GPU the default is :class:`fsserve.runtime.graphs.GraphBackend` (CUDA graphs); this eager
+backend is what ``cuda_graphs=False`` (``--no-cuda-graphs``) and the CPU use.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsserve.utils.device import resolve_device
+from fsserve.utils.device import resolve_device, resolve_dtype
 
 
 class TorchBackend:
@@ -18,11 +22,12 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Any, device: str | None = None, num_threads: int | None = None) -> None:
+    def __init__(self, model: Any, device: str | None = None, num_threads: int | None = None, dtype: str | torch.dtype | None = None) -> None:
         self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.model = model.to(self.device).eval()
+        # dtype None keeps the model's weights as they are; "auto" is bfloat16 on CUDA, float32 on a CPU.
+        self.model = (model.to(self.device) if dtype is None else model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))).eval()
         self.input_names = ["input_ids", "attention_mask", "answer_pos"] + (["token_type_ids"] if model.uses_token_types else [])
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,9 +55,11 @@ class DynamicBatcher:
     (2, 2)
     """
 
-    def __init__(self, predict: PredictFn, max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue_size: int = 256, metrics: Any = None, model: str = "model") -> None:
+    def __init__(self, predict: PredictFn, max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue_size: int = 256, metrics: Any = None,
+                 model: str = "model", bucket_sizes: Sequence[int] | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch_size and max_queue_size must be at least 1 and max_queue_delay_ms not negative")
+        self.bucket_sizes = sorted({int(b) for b in bucket_sizes or ()})
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1000.0
@@ -169,11 +171,18 @@ class DynamicBatcher:
             if batch:
                 await self._execute(batch)
 
+    def _row_budget(self) -> int:
+        """Rows for the next batch: max_batch_size, or with buckets the largest bucket the queue fills."""
+        cap = min(self._pending_rows, self.max_batch_size)
+        fits = [b for b in self.bucket_sizes if b <= cap]
+        return fits[-1] if fits else self.max_batch_size
+
     def _take(self, now: float) -> list[_Waiting]:
         """Pop the oldest requests that fit in one batch, dropping those already cancelled or past deadline."""
         batch: list[_Waiting] = []
         rows = 0
-        while self._pending and (not batch or rows + self._pending[0].rows <= self.max_batch_size):
+        budget = self._row_budget()
+        while self._pending and (not batch or rows + self._pending[0].rows <= budget):
             item = self._pending.popleft()
             self._pending_rows -= item.rows
             if item.future.done():

@@ -44,6 +44,8 @@ class ServerConfig(_JsonConfig):
     max_text_bytes: int = 8192
     backend: str = "auto"
     device: str | None = None
+    cuda_graphs: bool | None = None  # torch on CUDA: captured graphs unless False
+    dtype: str | None = None  # torch: None is bfloat16 with CUDA graphs, the model's own dtype otherwise
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None

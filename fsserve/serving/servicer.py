@@ -56,8 +56,10 @@ class ServedModel:
         self.labels: list[str] = list(predictor.labels)
         self.num_sentences = int(getattr(predictor, "num_sentences", 1))
         self.max_rows = config.max_batch_size
+        plan = getattr(getattr(predictor, "backend", None), "plan", None)  # a CUDA-graph backend's buckets
         self.batcher = DynamicBatcher(
-            self._predict_proba, config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size, metrics=metrics, model=name
+            self._predict_proba, config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size, metrics=metrics, model=name,
+            bucket_sizes=plan.batch if plan is not None else None,
         )
         self.ready = False
 
@@ -73,7 +75,9 @@ class ServedModel:
         if backend == "auto":
             backend = "onnx" if (path / "manifest.json").is_file() else "torch"
         start = time.perf_counter()
-        predictor = Predictor.from_pretrained(path, backend=backend, device=config.device, batch_size=config.max_batch_size)
+        torch_options = {"cuda_graphs": config.cuda_graphs, "dtype": config.dtype} if backend == "torch" else {}
+        options = {k: v for k, v in torch_options.items() if v is not None}
+        predictor = Predictor.from_pretrained(path, backend=backend, device=config.device, batch_size=config.max_batch_size, **options)
         logger.info("event=model_loaded model=%s path=%s backend=%s labels=%d seconds=%.2f", name, path, backend, len(predictor.labels), time.perf_counter() - start)
         return cls(name, predictor, config, platform=f"fsserve_{backend}", metrics=metrics)
 
