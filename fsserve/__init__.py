@@ -4,7 +4,8 @@ Public names are imported lazily (PEP 562) so that ``import fsserve`` stays ligh
 onnxruntime prediction path never imports torch. The package's folders are the stages in the life
 of a model (the README's "Layout" says what each may import):
 
-    config, data, metrics       settings, tasks and loaders, task metrics
+    config, data, sampling,     settings, tasks and loaders, k-shot splits and stratified samples,
+    metrics                     task metrics
     prompts/                    templates, label words, encoding with the answer position
     demos/                      the demonstration pool (SBERT → FAISS) and how demonstrations enter a prompt
     embedded, heads, modeling   the LM with its label-word head (PromptModel)

@@ -1,7 +1,8 @@
-"""LM-BFF's 15 tasks: file formats, metrics and manual prompts, plus loaders, metrics, k-shot sampling.
+"""LM-BFF's 15 tasks: file formats, metrics and manual prompts, plus loaders.
 
 The registry describes each task as LM-BFF ships it (``data/original`` and ``data/k-shot``), so the
 k-shot splits published with the paper load unchanged; ``load_examples`` reads a user's own files.
+Drawing subsets (k-shot splits, stratified samples) lives in ``fsserve.sampling``.
 
 >>> spec = get_task("sst2")
 >>> spec.name, spec.labels, spec.label_words["1"]
@@ -21,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -322,50 +321,9 @@ def regression_class(value: float, task: str | TaskSpec) -> str:
     """Bin a regression score into "0" (low) / "1" (high) as LM-BFF does when picking demonstrations.
 
     LM-BFF's demonstration code puts scores *at* the median in "0" (``<= median``); its k-shot
-    sampler instead uses ``< median`` — see ``sample_kshot``.
+    sampler instead uses ``< median`` — see ``fsserve.sampling.sample_kshot``.
     """
     spec = get_task(task)
     if not spec.is_regression or spec.median is None:
         raise ValueError(f"{spec.name} is not a regression task")
     return "0" if float(value) <= spec.median else "1"
-
-
-def _sampling_class(example: Example, spec: TaskSpec | None) -> str:
-    """The class an example is balanced under when drawing k-shot splits (LM-BFF's generator rule)."""
-    if isinstance(example.label, float):
-        if spec is None or spec.median is None:
-            raise ValueError(f"float label {example.label} needs a regression task to be sampled")
-        return "0" if example.label < spec.median else "1"
-    if example.label is None:
-        raise ValueError(f"cannot sample unlabelled example {example.text[:40]!r}")
-    return example.label
-
-
-def sample_kshot(examples: Sequence[Example], labels: Sequence[str], k: int, seed: int, *,
-                 task: str | TaskSpec | None = None) -> tuple[list[Example], list[Example]]:
-    """Draw LM-BFF's balanced split: shuffle with the seed, first k of each label train, next k dev.
-
-    Labels come out grouped in order of first appearance after the shuffle, as LM-BFF writes them, so
-    drawing from an original train file reproduces LM-BFF's k-shot files. Regression examples are
-    balanced over their median classes; pass ``task`` for them.
-    """
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
-    spec = get_task(task) if task is not None else None
-    order = np.arange(len(examples))
-    np.random.RandomState(seed).shuffle(order)  # the legacy generator LM-BFF seeded with np.random.seed
-    by_label: dict[str, list[Example]] = {}
-    for index in order:
-        label = _sampling_class(examples[index], spec)
-        if label not in labels:
-            raise ValueError(f"unknown label {label!r} in examples; expected one of {list(labels)}")
-        by_label.setdefault(label, []).append(examples[index])
-    for label in labels:
-        count = len(by_label.get(label, []))
-        if count < k:
-            raise ValueError(f"label {label!r} has {count} examples, fewer than k={k}")
-        if count < 2 * k:
-            logger.warning("label %r has %d examples: dev gets only %d of %d", label, count, count - k, k)
-    train = [ex for group in by_label.values() for ex in group[:k]]
-    dev = [ex for group in by_label.values() for ex in group[k:2 * k]]
-    return train, dev

@@ -18,9 +18,9 @@ from fsserve.data import (
     load_kshot,
     load_split,
     regression_class,
-    sample_kshot,
 )
 from fsserve.metrics import compute_metric
+from fsserve.sampling import sample_kshot
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
