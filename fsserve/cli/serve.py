@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        http_port=args.http_port,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
@@ -45,7 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def announce(server: Any) -> None:
         metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-        print(f"serving {', '.join(server.models)} on {config.host}:{server.port} ({'TLS' if config.tls else 'plaintext'}{metrics})", flush=True)
+        http = f", HTTP/REST on {config.host}:{server.http_port}" if server.http_port else ""
+        print(f"serving {', '.join(server.models)} on {config.host}:{server.port} ({'TLS' if config.tls else 'plaintext'}{http}{metrics})", flush=True)
 
     serve(config, on_started=announce)
     print("stopped", flush=True)
@@ -83,11 +85,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def add_serve_parsers(subparsers: Any) -> None:
     """Add the `serve` and `client` subcommands to the main parser's subparsers."""
-    p = subparsers.add_parser("serve", help="serve bundles or saved models over the KServe v2 gRPC protocol")
+    p = subparsers.add_parser("serve", help="serve bundles or saved models over the KServe v2 protocol (gRPC, and HTTP with --http-port)")
     p.add_argument("models", nargs="+", metavar="BUNDLE", help="bundle or saved model folder; NAME=PATH names the model (default: folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port (-1: off)")
+    p.add_argument("--http-port", type=int, help="also answer KServe v2 over HTTP/JSON on this port (Triton uses 8000; 0 picks a free one; default: off)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most rows run in one batch (and per request)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="how long a request may wait for others to join its batch")
     p.add_argument("--max-queue-size", type=int, default=256, help="requests that may wait per model; beyond it RESOURCE_EXHAUSTED")

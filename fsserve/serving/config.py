@@ -8,6 +8,7 @@ from pathlib import Path
 from fsserve.config import _JsonConfig
 
 BACKENDS = ("auto", "torch", "onnx")
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the largest request either protocol takes (gRPC message, HTTP body)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -38,6 +39,7 @@ class ServerConfig(_JsonConfig):
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int | None = 8002
+    http_port: int | None = None  # KServe v2 over HTTP/JSON on this port; None: gRPC only
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
@@ -63,7 +65,7 @@ class ServerConfig(_JsonConfig):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{attr} must be an integer of at least {low}, got {value!r}")
-        for attr in ("port", "metrics_port"):
+        for attr in ("port", "metrics_port", "http_port"):
             value = getattr(self, attr)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ValueError(f"{attr} must be a port number 0-65535 (0 picks a free one), got {value!r}")

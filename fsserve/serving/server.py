@@ -1,12 +1,12 @@
 """InferenceServer: the gRPC server around the servicer — ports, TLS, auth, health, reflection,
-Prometheus metrics, drain.
+Prometheus metrics, drain — and, on ``http_port``, the same servicer over HTTP/REST (http_server.py).
 
 Each server owns its metrics registry (not prometheus_client's global one), so several servers can
 live in one process (tests, notebooks) without clashing metric names.
 
 Shutdown order (SIGTERM/SIGINT, or ``stop()``): health says NOT_SERVING and ServerReady false; the
-batchers stop waiting out their queue delay; gRPC refuses new calls and lets accepted ones finish
-(up to ``grace_period_s``); then the batchers and the metrics endpoint stop.
+batchers stop waiting out their queue delay; gRPC and HTTP refuse new calls and let accepted ones
+finish (up to ``grace_period_s``); then the batchers and the metrics endpoint stop.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from google.protobuf import descriptor_pool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from fsserve.serving.config import ServerConfig
+from fsserve.serving.config import MAX_MESSAGE_BYTES, ServerConfig
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
 from fsserve.serving.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from fsserve.serving.servicer import InferenceServicer, ServedModel
@@ -35,7 +35,6 @@ from fsserve.serving.status import StatusInterceptor, TokenAuthInterceptor
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,8 +51,8 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("fsserve_requests", "gRPC requests answered, by method and status code", ["method", "code"], registry=self.registry)
-        self.errors = Counter("fsserve_errors", "gRPC requests answered with an error, by method and status code", ["method", "code"], registry=self.registry)
+        self.requests = Counter("fsserve_requests", "Requests answered, by method (http:* for HTTP/REST) and status code", ["method", "code"], registry=self.registry)
+        self.errors = Counter("fsserve_errors", "Requests answered with an error, by method (http:* for HTTP/REST) and status code", ["method", "code"], registry=self.registry)
         self.batch_size = Histogram("fsserve_batch_size", "Rows per executed batch", ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_seconds = Histogram("fsserve_queue_seconds", "Time a request waited in the batcher before its batch ran", ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.inference_seconds = Histogram("fsserve_inference_seconds", "Time to run one batch through the model", ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
@@ -134,7 +133,9 @@ class InferenceServer:
         self.models: dict[str, ServedModel] = dict(models) if models is not None else {}
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._server: aio.Server | None = None
+        self._http: Any = None
         self._health: Any = None
         self._ready = False
         self._stopped: asyncio.Event | None = None
@@ -158,7 +159,8 @@ class InferenceServer:
             interceptors.append(TokenAuthInterceptor(self.config.token))
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
         server = aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.models, self.config.max_text_bytes, lambda: self._ready), server)
+        servicer = InferenceServicer(self.models, self.config.max_text_bytes, lambda: self._ready)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=_reflection_pool())
@@ -173,16 +175,38 @@ class InferenceServer:
             raise OSError(f"could not bind the gRPC port at {address}")
         await server.start()
         self._server = server
+        if self.config.http_port is not None:
+            try:
+                await self._start_http(servicer)
+            except BaseException:
+                await server.stop(0)
+                raise
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
         logger.info(
-            "event=server_started host=%s port=%d tls=%s auth=%s models=%s max_batch_size=%d max_queue_delay_ms=%g max_queue_size=%d",
-            self.config.host, self.port, self.config.tls, bool(self.config.token), ",".join(self.models),
+            "event=server_started host=%s port=%d http_port=%s tls=%s auth=%s models=%s max_batch_size=%d max_queue_delay_ms=%g max_queue_size=%d",
+            self.config.host, self.port, self.http_port, self.config.tls, bool(self.config.token), ",".join(self.models),
             self.config.max_batch_size, self.config.max_queue_delay_ms, self.config.max_queue_size,
         )
+
+    async def _start_http(self, servicer: InferenceServicer) -> None:
+        """Answer the same models over KServe v2 HTTP/REST on ``http_port`` (TLS and token as for gRPC)."""
+        try:
+            from fsserve.serving.http_server import HttpFrontend
+        except ImportError as exc:
+            raise ImportError(f"HTTP serving needs aiohttp ({exc}): pip install 'fsserve[serve]'") from exc
+        context = None
+        if self.config.tls:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
+        self._http = HttpFrontend(servicer, self.metrics, token=self.config.token)
+        assert self.config.http_port is not None
+        self.http_port = await self._http.start(self.config.host, self.config.http_port, context, shutdown_timeout=self.config.grace_period_s)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let accepted ones finish (up to ``grace`` seconds), then release everything."""
@@ -194,7 +218,8 @@ class InferenceServer:
         await self._health.enter_graceful_shutdown()
         for model in self.models.values():
             model.batcher.begin_drain()
-        await self._server.stop(grace)
+        await asyncio.gather(self._server.stop(grace), self._http.stop() if self._http is not None else asyncio.sleep(0))
+        self._http = None
         for model in self.models.values():
             await model.stop()
         self.metrics.close()
@@ -246,6 +271,11 @@ class BackgroundServer:
         """The bound gRPC port."""
         assert self.server.port is not None, "server not started"
         return self.server.port
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP/REST port, if HTTP is served."""
+        return self.server.http_port
 
     @property
     def metrics_port(self) -> int | None:

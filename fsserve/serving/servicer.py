@@ -149,17 +149,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
         """Whether a model is ready; an unknown model (or version) is simply not ready."""
-        model = self.models.get(request.name)
-        ok = model is not None and model.ready and request.version in ("", model.version) and self.is_ready()
-        return pb.ModelReadyResponse(ready=ok)
+        return pb.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> pb.ServerMetadataResponse:
         """See server_metadata."""
         return self.server_metadata()
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:
+        """See model_metadata."""
+        return self.model_metadata(request.name, request.version)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+        """See infer; the call's deadline bounds the wait in the batcher."""
+        return await self.infer(request, context.time_remaining())
+
+    # -- the domain side, shared with the HTTP/REST front end --------------------------------
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether a model is ready; an unknown model (or version) is simply not ready."""
+        model = self.models.get(name)
+        return model is not None and model.ready and version in ("", model.version) and self.is_ready()
+
+    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
         """Versions, platform, inputs (TEXT[, TEXT_B]) and outputs (LABEL, PROBS) of one model."""
-        model = self.model(request.name, request.version)
+        model = self.model(name, version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -169,9 +181,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in model.outputs],
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout: float | None = None) -> pb.ModelInferResponse:
         """Validate the request, classify its rows through the model's batcher, and encode the outputs."""
         model = self.model(request.model_name, request.model_version)
         rows = decode_request(request, model.num_sentences, self.max_text_bytes, model.max_rows)
-        probs = await model.classify(rows.texts, rows.texts_b, timeout=context.time_remaining())
+        probs = await model.classify(rows.texts, rows.texts_b, timeout=timeout)
         return encode_response(request, model.version, model.labels, probs, rows)

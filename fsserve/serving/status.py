@@ -1,4 +1,4 @@
-"""Failures and their gRPC status codes: the domain errors, and the interceptors that answer with them.
+"""Failures and their gRPC status codes (and HTTP statuses): the domain errors, and the interceptors that answer with them.
 
 The servicer, the codec and the batcher raise the errors below and never touch status codes; the
 StatusInterceptor is the one place that turns them, and any unexpected exception, into what the
@@ -66,6 +66,27 @@ class Unavailable(ServingError, code=grpc.StatusCode.UNAVAILABLE):
 
 class Unauthenticated(ServingError, code=grpc.StatusCode.UNAUTHENTICATED):
     """The request lacks the bearer token this server was started with."""
+
+
+class RequestTooLarge(ServingError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """The request body is over the size limit (gRPC refuses such messages before any handler runs)."""
+
+
+# The HTTP status of each kind of failure, for the REST front end; the first class in an error's
+# MRO that is listed decides, so a new subclass inherits its parent's status until listed here.
+HTTP_STATUS: dict[type[ServingError], int] = {
+    InvalidInput: 400, Unauthenticated: 401, ModelNotFound: 404, RequestTooLarge: 413,
+    QueueFull: 429, Unavailable: 503, DeadlineExceeded: 504, ServingError: 500,
+}
+
+
+def http_status(error: ServingError) -> int:
+    """The HTTP status that answers ``error`` (HTTP_STATUS, walked along the error's class hierarchy).
+
+    >>> http_status(QueueFull("full")), http_status(InvalidInput("bad"))
+    (429, 400)
+    """
+    return next(HTTP_STATUS[cls] for cls in type(error).__mro__ if cls in HTTP_STATUS)
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
