@@ -16,6 +16,7 @@ from fsserve.config import DemoConfig, PromptConfig, TrainingArguments
 from fsserve.data import default_data_dir, get_task, load_kshot
 from fsserve.demos import DemoIndex
 from fsserve.modeling import PromptModel
+from fsserve.sampling import describe_sample, stratified_sample
 from fsserve.training import Trainer, evaluate_model, set_seed
 
 
@@ -25,7 +26,7 @@ def run(variant: str, args: argparse.Namespace) -> dict:
     data = Path(args.data)
     train = load_kshot(task, data, k=16, seed=args.seed, split="train")
     dev = load_kshot(task, data, k=16, seed=args.seed, split="dev")
-    test = load_kshot(task, data, k=16, seed=args.seed, split="test")[: args.max_test]
+    sample = stratified_sample(load_kshot(task, data, k=16, seed=args.seed, split="test"), args.max_test, args.sample_seed, task)
     set_seed(args.seed)
     prompt = PromptConfig(task.template, dict(task.label_words), labels=list(task.labels), max_length=args.max_length)
     model = PromptModel.from_pretrained(args.model, prompt=prompt)
@@ -36,8 +37,8 @@ def run(variant: str, args: argparse.Namespace) -> dict:
                               freeze_embeddings=True, seed=args.seed, progress=False)
     start = time.perf_counter()
     result = Trainer(model, targs, train, dev, metric=task.metric).train()
-    score = evaluate_model(model, test, task.metric)["score"]
-    return {"variant": variant, "accuracy": score, "best_dev": result.best_score, "best_step": result.best_step,
+    score = evaluate_model(model, sample.examples, task.metric)["score"]
+    return {"variant": variant, "accuracy": score, "test_sample": sample.record(), "best_dev": result.best_score, "best_step": result.best_step,
             "seconds": time.perf_counter() - start}
 
 
@@ -50,7 +51,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--max-test", type=int, default=300)
+    p.add_argument("--max-test", type=int, default=300, help="a stratified sample of this many test sentences (not the first N)")
+    p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--num-sample", type=int, default=4, help="evaluation draws averaged for random demonstrations")
     p.add_argument("--variants", default="none,random,similar")
@@ -59,7 +61,7 @@ def main() -> None:
     rows = [run(v, args) for v in args.variants.split(",")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=2))
-    print("| variant | accuracy (first %d test) | best dev | seconds |" % args.max_test)
+    print(f"| variant | accuracy (test: {describe_sample(rows[0]['test_sample'])}) | best dev | seconds |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| prompt FT + {r['variant']} demos | {r['accuracy']:.4f} | {r['best_dev']:.4f} (step {r['best_step']}) | {r['seconds']:.0f} |")

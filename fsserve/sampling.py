@@ -54,10 +54,10 @@ class Sample:
 
 
 def describe_sample(record: dict[str, Any]) -> str:
-    """A sample record in words ("300 of 2000, stratified sample (seed 0)"), for reports read back from JSON."""
+    """A sample record in words ("300 of 2000 examples, a stratified sample (seed 0)"), for reports read back from JSON."""
     if record.get("seed") is None:
-        return f"all {record['population']}"
-    return f"{record['size']} of {record['population']}, stratified sample (seed {record['seed']})"
+        return f"all {record['population']} examples"
+    return f"{record['size']} of {record['population']} examples, a stratified sample (seed {record['seed']})"
 
 
 def _strata_keys(examples: Sequence[Example], spec: TaskSpec | None, bins: int) -> list[str]:

@@ -103,18 +103,23 @@ def demo_costs(subject: Subject, backends: list[BenchBackend], texts: list[str],
             "selection": selection, "rows": rows, "summary": summary}
 
 
-def _agreement_examples(spec: str, limit: int | None) -> tuple[list[Any], str]:
-    """Examples to compare int8 with fp32 on: a task's full dev set from the shared data, or a file."""
+def agreement_examples(spec: str, limit: int | None, seed: int) -> tuple[Any, str]:
+    """Examples to compare int8 with fp32 on (a task's dev set from the shared data, or a file), as a ``Sample``.
+
+    ``limit`` draws a seeded, class-stratified sample of that many (``fsserve.sampling``), not the first rows.
+    """
     from fsserve.data import default_data_dir, get_task, load_examples, load_split
+    from fsserve.sampling import stratified_sample
 
     path = Path(spec)
+    task = None
     if path.is_file():
         examples, where = load_examples(path), str(path)
     else:
         task = get_task(spec)
         dev = default_data_dir() / "original" / task.name / f"{task.split_files['dev']}.{task.extension}"
         examples, where = load_split(task, dev), str(dev)
-    return (examples[:limit] if limit else examples), where
+    return stratified_sample(examples, limit, seed, task), where
 
 
 def int8_agreement(subject: Subject, cfg: BenchConfig) -> dict[str, Any]:
@@ -122,7 +127,8 @@ def int8_agreement(subject: Subject, cfg: BenchConfig) -> dict[str, Any]:
     from fsserve.exporters.onnx import text_batches
     from fsserve.runtime.onnx import OnnxBackend
 
-    examples, where = _agreement_examples(str(cfg.agreement), cfg.agreement_max)
+    sample, where = agreement_examples(str(cfg.agreement), cfg.agreement_max, cfg.seed)
+    examples = sample.examples
     if not examples:
         raise ValueError(f"no examples to measure int8 agreement on in {where}")
     model = subject.model
@@ -138,7 +144,7 @@ def int8_agreement(subject: Subject, cfg: BenchConfig) -> dict[str, Any]:
         logits[precision] = np.concatenate([runner.label_logits(**b) for b in batches])
     labels = [examples[i].label for i in order]
     result: dict[str, Any] = {
-        "on": where, "examples": len(examples), "int8_recipe": subject.notes.get("int8_recipe"),
+        "on": where, "examples": len(examples), "sample": sample.record(), "int8_recipe": subject.notes.get("int8_recipe"),
         "int8_vs_fp32": float((logits["int8"].argmax(-1) == logits["fp32"].argmax(-1)).mean()),
         "max_abs_diff": float(np.abs(logits["int8"] - logits["fp32"]).max()),
     }

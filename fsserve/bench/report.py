@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fsserve.sampling import describe_sample
 from fsserve.utils.atomic import write_json_atomic
 
 _PACKAGES = ("fsserve", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tokenizers", "triton",
@@ -125,7 +126,8 @@ def to_markdown(record: dict[str, Any]) -> str:
     if agreement:
         acc = agreement.get("accuracy")
         shown = f"; accuracy fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f}" if acc else ""
-        lines += ["", f"int8 vs fp32 on {agreement['on']} ({agreement['examples']} examples): same label on "
+        drawn = describe_sample(agreement["sample"]) if agreement.get("sample") else f"{agreement['examples']} examples"
+        lines += ["", f"int8 vs fp32 on {agreement['on']} ({drawn}): same label on "
                       f"{agreement['int8_vs_fp32']:.2%}, max |Δ logit| {agreement['max_abs_diff']:.3g}{shown}."]
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,10 @@ import argparse
 import re
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from fsserve.sampling import Sample
 
 T = TypeVar("T")
 # A Hugging Face model id: "name" or "namespace/name" (what AutoConfig would look up on the hub).
@@ -116,7 +119,9 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str | None) -> None
     if split_default is not None:
         g.add_argument("--split", default=split_default, choices=["train", "dev", "test"])
         g.add_argument("--file", help="evaluate on this CSV/JSONL file (text, optional text_b, label) instead")
-        g.add_argument("--max-examples", type=int, help="evaluate on the first N examples only")
+        g.add_argument("--max-examples", type=int,
+                       help="evaluate on a seeded sample of N examples, each class (regression: score bin) in its share of the split")
+        g.add_argument("--sample-seed", type=int, default=0, help="seed of the --max-examples sample (default 0: the same examples for every model)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -201,9 +206,10 @@ def load_train_dev(args: argparse.Namespace, task: Any, data: Path) -> tuple[lis
     return load_kshot(task, data, k=args.k, seed=args.seed, split="train"), load_kshot(task, data, k=args.k, seed=args.seed, split="dev")
 
 
-def eval_examples(args: argparse.Namespace, task: Any, data: Path, labels: list[str] | None, regression: bool) -> list[Any]:
-    """Read the examples to evaluate on, optionally only the first N."""
+def eval_examples(args: argparse.Namespace, task: Any, data: Path, labels: list[str] | None, regression: bool) -> Sample:
+    """The examples to evaluate on, as a ``fsserve.sampling.Sample``: all, or a stratified sample of --max-examples."""
     from fsserve.data import load_examples, load_kshot
+    from fsserve.sampling import stratified_sample
 
     if args.file:
         examples = load_examples(args.file, labels=labels, regression=regression)
@@ -211,7 +217,7 @@ def eval_examples(args: argparse.Namespace, task: Any, data: Path, labels: list[
         examples = load_kshot(task, data, k=args.k, seed=args.seed, split=args.split)
     else:
         raise ValueError("give --task (k-shot folder) or --file to evaluate on")
-    return examples[: args.max_examples] if args.max_examples else examples
+    return stratified_sample(examples, args.max_examples, args.sample_seed, task)
 
 
 def training_args(args: argparse.Namespace) -> Any:

@@ -38,7 +38,9 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("budget (defaults: LM-BFF's)")
     g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--eval-steps", type=int, default=100)
-    g.add_argument("--max-test", type=int, help="evaluate on the first N test examples only (default: all)")
+    g.add_argument("--max-test", type=int,
+                   help="score a seeded sample of N test examples, each class (regression: score bin) in its share (default: all)")
+    g.add_argument("--test-sample-seed", type=int, default=0, help="seed of the --max-test sample (the same draw for every method and seed)")
     g = p.add_argument_group("optimisation (comma-separated values form a grid; each seed keeps its best-on-dev setting)")
     g.add_argument("--lr", type=comma_list(float, "numbers"), default=[1e-5], help="learning-rate grid (LM-BFF: 1e-5,2e-5,5e-5)")
     g.add_argument("--finetune-lr", type=comma_list(float, "numbers"), help="learning-rate grid for standard fine-tuning (default: --lr)")
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return ExperimentConfig(
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_dir=str(args.data or default_data_dir() / "k-shot"),
         out_dir=args.out, model=args.model, k=args.k, max_steps=args.max_steps, eval_steps=args.eval_steps,
-        max_test=args.max_test, learning_rates=args.lr, finetune_learning_rates=args.finetune_lr, batch_sizes=args.batch_size,
+        max_test=args.max_test, test_sample_seed=args.test_sample_seed, learning_rates=args.lr, finetune_learning_rates=args.finetune_lr, batch_sizes=args.batch_size,
         freeze_embeddings=args.freeze_embeddings, max_length=args.max_length, demo_max_length=args.demo_max_length,
         context_length=args.context_length, context_examples=args.context_examples, num_sample=args.num_sample,
         filter_rate=args.filter_rate, demo_encoder=args.demo_encoder, eval_batch_size=args.eval_batch_size,

@@ -21,8 +21,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
 
 
-def _data(args: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], list[Any], str]:
-    """Prompt, task, train/dev/eval examples and metric from the shared arguments."""
+def _data(args: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], Any, str]:
+    """Prompt, task, train/dev examples, the evaluation ``Sample`` and metric from the shared arguments."""
     from fsserve.cli.args import check_model_source, eval_examples, model_kind, prompt_config, task_and_data
     from fsserve.data import load_kshot
 
@@ -33,8 +33,8 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], lis
     prompt = prompt_config(args, task, model_kind(args.model))
     train = load_kshot(task, data, k=args.k, seed=args.seed, split="train")
     dev = load_kshot(task, data, k=args.k, seed=args.seed, split="dev")
-    test = eval_examples(args, task, data, prompt.labels, prompt.is_regression)
-    return prompt, task, train, dev, test, task.metric
+    sample = eval_examples(args, task, data, prompt.labels, prompt.is_regression)
+    return prompt, task, train, dev, sample, task.metric
 
 
 def cmd_probe_layers(args: argparse.Namespace) -> int:
@@ -44,20 +44,22 @@ def cmd_probe_layers(args: argparse.Namespace) -> int:
     from fsserve.methods.probe_layers import best_layer, probe_layers
     from fsserve.modeling import PromptModel
 
-    prompt, task, train, dev, test, _ = _data(args)
+    prompt, task, train, dev, sample, _ = _data(args)
+    test = sample.examples
     config = MethodConfig.from_options(args.method_option)
     model = PromptModel.from_pretrained(args.model, prompt=prompt, method="probe", method_config=config)
     targs = TrainingArguments(method="probe", learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps,
                               eval_steps=max(1, args.steps // 3), seed=args.seed, progress=False)
     scores = probe_layers(model, train, dev, targs, test=test)
-    print(f"probes on {args.model} ({model.pooling} pooling, {args.steps} steps, lr {args.lr:g}), {task.name} {args.k}-{args.seed}:")
+    print(f"probes on {args.model} ({model.pooling} pooling, {args.steps} steps, lr {args.lr:g}), {task.name} {args.k}-{args.seed}, "
+          f"{args.split}: {sample}:")
     print(f"| layer | dev acc | {args.split} acc ({len(test)}) |\n|---:|---:|---:|")
     for s in scores:
         print(f"| {s.layer} | {s.dev:.4f} | {s.test:.4f} |")
     print(f"best layer on dev: {best_layer(scores)}")
     if args.json:
         for s in scores:
-            print(json.dumps(s.__dict__))
+            print(json.dumps({**s.__dict__, "sample": sample.record()}))
     return 0
 
 
@@ -65,7 +67,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train every listed method on one task and print one comparison table."""
     from fsserve.methods.compare import compare_methods, format_table
 
-    prompt, task, train, dev, test, metric = _data(args)
+    prompt, task, train, dev, sample, metric = _data(args)
+    test = sample.examples
     rates = {}
     for item in args.lr or []:
         name, _, value = item.partition("=")
@@ -76,11 +79,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         metric=metric, learning_rates=rates, export_dir=None if args.no_export else Path(args.export_dir),
         validate_export=args.validate_export,
     )
-    print(f"{task.name} {args.k}-{args.seed}, {len(test)} {args.split} examples, {args.steps} steps, batch {args.batch_size}:")
+    print(f"{task.name} {args.k}-{args.seed}, {args.split}: {sample}, {args.steps} steps, batch {args.batch_size}:")
     print(format_table(rows, metric))
     if args.json:
         for row in rows:
-            print(json.dumps(row.__dict__))
+            print(json.dumps({**row.__dict__, "sample": sample.record()}))
     return 0
 
 

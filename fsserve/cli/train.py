@@ -77,14 +77,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, result, _ = build_and_train(args, task, data)
         what = f"{args.model} ({args.method}{'' if args.method == 'zero-shot' else f', {result.steps} steps'})"
     metric = task.metric if task is not None else "acc"
-    examples = eval_examples(args, task, data, model.labels, model.prompt_config.is_regression)
+    sample = eval_examples(args, task, data, model.labels, model.prompt_config.is_regression)
     start = time.perf_counter()
-    report = evaluate_model(model, examples, metric)
+    report = evaluate_model(model, sample.examples, metric)
     seconds = time.perf_counter() - start
     where = args.file or f"{task.name} {args.k}-{args.seed}/{args.split}"
     print(f"{what} on {where} ({report['n']} examples): {metric} = {report['score']:.4f}  [{seconds:.1f}s]")
+    if sample.seed is not None:
+        print(f"  sample: {sample}")
     if args.json:
-        print(json.dumps({"model": args.model, "data": where, "n": report["n"], "metric": metric, "score": report["score"]}))
+        print(json.dumps({"model": args.model, "data": where, "n": report["n"], "sample": sample.record(), "metric": metric,
+                          "score": report["score"]}))
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from fsserve.config import PromptConfig, _JsonConfig
 from fsserve.data import TaskSpec, get_task, load_kshot
+from fsserve.sampling import stratified_sample
 from fsserve.utils.atomic import sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ CACHE_VERSION = 1
 @dataclass
 class ExperimentConfig(_JsonConfig):
     """What an experiment runs; defaults are LM-BFF's protocol (1000 steps, eval every 100, full test).
+
+    ``max_test`` scores a seeded, class-stratified sample of the test set instead (the same one for
+    every method and split seed, fixed by ``test_sample_seed``), never its first rows.
 
     >>> cfg = ExperimentConfig(tasks=["SST-2"], methods=["prompt"], seeds=[13], data_dir="k-shot")
     >>> cfg.max_steps, cfg.eval_steps, cfg.max_test, cfg.num_sample
@@ -58,7 +62,8 @@ class ExperimentConfig(_JsonConfig):
     k: int = 16
     max_steps: int = 1000
     eval_steps: int = 100
-    max_test: int | None = None
+    max_test: int | None = None  # None: the full test set; N: a stratified sample of N (fsserve.sampling), drawn with test_sample_seed
+    test_sample_seed: int = 0
     learning_rates: list[float] = field(default_factory=lambda: [1e-5])
     finetune_learning_rates: list[float] | None = None  # None: the same grid as the prompt methods
     batch_sizes: list[int] = field(default_factory=lambda: [8])
@@ -148,6 +153,9 @@ def cell_settings(config: ExperimentConfig, cell: Cell) -> dict[str, Any]:
         "version": CACHE_VERSION, "task": task.name, "method": cell.method, "seed": cell.seed,
         "model": config.model, "k": config.k, "data_sha256": data, "max_test": config.max_test,
     }
+    if config.max_test is not None:
+        # Cells cached before test subsets were sampled scored the first max_test rows: this key keeps them apart.
+        settings["test_sample"] = {"method": "stratified", "size": config.max_test, "seed": config.test_sample_seed}
     if cell.method == "in-context":
         settings.update(max_length=config.context_length, context_examples=config.context_examples)
         return settings
@@ -212,7 +220,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
     start = time.perf_counter()
     train = load_kshot(task, config.data_dir, config.k, cell.seed, "train")
     dev = load_kshot(task, config.data_dir, config.k, cell.seed, "dev")
-    test = load_kshot(task, config.data_dir, config.k, cell.seed, "test")[: config.max_test]
+    sample = stratified_sample(load_kshot(task, config.data_dir, config.k, cell.seed, "test"), config.max_test, config.test_sample_seed, task)
+    test = sample.examples
     if pretrained is None:
         kind = _model_kind(config.model)
         prompt = _prompt_config(config, task, cell.method, kind)
@@ -233,7 +242,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         index = DemoIndex(train, labels=None if task.is_regression else list(task.labels), task=task, encoder=config.demo_encoder)
         model.attach_demos(index, DemoConfig(train_mode=mode, eval_mode=eval_mode, num_sample=config.num_sample,
                                              filter_rate=config.filter_rate, encoder=config.demo_encoder))
-    record: dict[str, Any] = {"metric": task.metric, "n_test": len(test), "dev": None, "best_step": None}
+    record: dict[str, Any] = {"metric": task.metric, "n_test": len(test), "test_sample": sample.record(), "dev": None, "best_step": None}
     if cell.method in TRAINED:
         args = TrainingArguments(method="finetune" if cell.method == "finetune" else "prompt", learning_rate=cell.learning_rate,
                                  batch_size=cell.batch_size, eval_batch_size=config.eval_batch_size, max_steps=config.max_steps,

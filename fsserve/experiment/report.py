@@ -47,6 +47,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": sorted(int(r["settings"]["seed"]) for r in chosen), "mean": float(scores.mean()),
             "std": float(scores.std()), "scores": scores.tolist(),
             "chosen": [{k: r["settings"].get(k) for k in ("seed", "learning_rate", "batch_size")} | {"dev": r.get("dev")} for r in chosen],
+            "test_sample": chosen[0].get("test_sample"),  # the same draw for every seed: fixed by the config's test_sample_seed
         })
     return rows
 
@@ -100,6 +101,14 @@ def plot_results(rows: list[dict[str, Any]], tasks: list[str], methods: list[str
     return path
 
 
+def describe_test_set(config: Any) -> str:
+    """What the test scores are on, in words, so a table never hides that it was scored on a subset."""
+    if config.max_test is None:
+        return "the full test sets"
+    return (f"a stratified sample of at most {config.max_test} test examples per task (seed {config.test_sample_seed}; "
+            "each class, or score bin, in its share of the test set; per-cell draws in results.json)")
+
+
 def write_reports(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Write results.json (settings, cells, summary, LM-BFF's published cells), results.md (ours, then theirs) and results.png."""
     out = Path(config.out_dir)
@@ -111,7 +120,7 @@ def write_reports(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     write_json_atomic(out / "results.json", report)
     text = ("# LM-BFF protocol results\n\n"
             f"**Ours**: model `{config.model}`, k={config.k}, seeds {config.seeds}; test score ×100, mean (std) over "
-            "seeds, each seed's setting chosen by dev. Settings: see results.json.\n\n" + table)
+            f"seeds, each seed's setting chosen by dev, on {describe_test_set(config)}. Settings: see results.json.\n\n" + table)
     if theirs:
         text += (f"\n**Theirs** (not run here): {PAPER}. Cells no source could confirm are marked so; "
                  "where each number was read: `fsserve/experiment/published.py`.\n\n" + theirs)
