@@ -7,7 +7,7 @@ Layout (every file is listed in ``manifest.json`` with its sha256)::
     fsserve.json       PromptModel.metadata(): prompt (template, label words, max length, truncation),
                        labels, label word ids, kind, plus the tokenizer's special ids and graph inputs
     tokenizer/         the tokenizer files (tokenizer.json is what the torch-free backend reads)
-    torch/             optional: the saved PromptModel (safetensors + JSON), for ``backend="torch"``
+    torch/             optional (``torch_weights=True``, ``--with-torch``): the saved PromptModel, for ``backend="torch"``
     demos/             optional extension point: the demonstration pool and FAISS index. Pass any object
                        with ``save(directory)`` (fsserve.demos.DemoIndex) as ``demos=`` to the export;
                        the manifest then records ``"demos": "demos"`` and

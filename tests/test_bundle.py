@@ -37,7 +37,7 @@ def bert_bundle(tiny_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple
     model = PromptModel(lm, tokenizer, PROMPT).eval()
     pool = [Example("A gem of a film.", label="1"), Example("A tedious mess.", label="0")]
     model.attach_demos(DemoIndex(pool, labels=["0", "1"]))
-    path = model.export(tmp_path_factory.mktemp("bundle") / "bert")
+    path = model.export(tmp_path_factory.mktemp("bundle") / "bert", torch_weights=True)
     return model, path
 
 
@@ -99,9 +99,9 @@ def test_interrupted_export_leaves_the_destination_untouched(bert_bundle: tuple[
     else:
         monkeypatch.setattr(model, "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
-        model.export(dest)
+        model.export(dest, torch_weights=True)
     with pytest.raises(KeyboardInterrupt):
-        model.export(tmp_path / "fresh")
+        model.export(tmp_path / "fresh", torch_weights=True)
     after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(os.listdir(tmp_path)) == ["dest"]  # no half bundle, no temporary leftovers

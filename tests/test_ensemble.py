@@ -111,7 +111,7 @@ def test_bad_ensembles_are_refused(tiny_lm: Any, tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_ensemble_bundle_exports_with_parity_and_serves_through_the_predictor(tiny_lm: Any, tmp_path: Path, arch: str) -> None:
     ensemble = PromptEnsemble(_members(tiny_lm, arch, shared=arch == "bert"))
-    bundle = ensemble.export(tmp_path / "bundle")
+    bundle = ensemble.export(tmp_path / "bundle", torch_weights=True)
     import json
 
     manifest = json.loads((bundle / "manifest.json").read_text())

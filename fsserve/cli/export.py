@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from fsserve.cli.args import check_model_source
 
 logger = logging.getLogger("fsserve.cli")
+AGREEMENT_FLOOR = 0.99  # below this share of fp32's labels, export warns loudly
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,7 +39,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="half-precision graph, for GPU serving")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline transformer fusions")
-    p.add_argument("--no-torch-weights", action="store_true", help="leave the torch weights out (the bundle then loads with the onnx backend only)")
+    p.add_argument("--with-torch", action="store_true", help="also store the torch model in the bundle (for --backend torch on it; doubles its size)")
+    p.add_argument("--no-torch-weights", action="store_true", help=argparse.SUPPRESS)  # the default since the layout release; kept for old scripts
+    p.add_argument("--weights", choices=["fp32", "fp16"], default=None,
+                   help="how the graph's float weights are stored: fp16 halves the bundle (widened to fp32 at load; agreement measured)")
+    p.add_argument("--embedding-bits", type=int, choices=[8], help="store the input embedding as int8 rows with a scale per row")
     p.add_argument("--atol", type=float, help="fp32 validation bound against torch, relative to max(1, |logit|) (default 1e-4)")
     p.add_argument("--validation-file", help="CSV/JSONL of texts on which int8/fp16 agreement with fp32 is measured")
     p.add_argument("--triton-repository", metavar="DIR", help="also write a Triton Inference Server model repository here")
@@ -62,8 +68,11 @@ def run_export(args: argparse.Namespace) -> int:
         "int8_mode": args.int8_mode,
         "per_channel": args.per_channel,
         "int8_nodes": args.int8_nodes,
-        "torch_weights": not args.no_torch_weights,
+        "torch_weights": bool(args.with_torch),
+        "embedding_bits": args.embedding_bits,
     }
+    if args.weights:
+        kwargs["weight_storage"] = args.weights
     if args.no_optimize:
         kwargs["optimize"] = False
     if args.atol is not None:
@@ -76,9 +85,15 @@ def run_export(args: argparse.Namespace) -> int:
     model = PromptModel.from_pretrained(model_dir)
     bundle = model.export(args.out_dir, format=args.format, **kwargs)
     manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
-    summary = {key: manifest.get(key) for key in ("precision", "validation", "agreement_with_fp32", "optimization")}
-    print(f"wrote bundle {bundle} in {time.perf_counter() - start:.1f}s")
+    summary = {key: manifest.get(key) for key in ("precision", "weights", "validation", "agreement_with_fp32", "optimization")}
+    size = sum(f.stat().st_size for f in Path(bundle).rglob("*") if f.is_file())
+    print(f"wrote bundle {bundle} ({size / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f}s")
     print(json.dumps(summary, indent=2))
+    agreement = (manifest.get("agreement_with_fp32") or {}).get("agreement")
+    if agreement is not None and agreement < AGREEMENT_FLOOR:
+        print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
+              f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
+              "export without --quantize (or with --int8-nodes down_proj --int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
         from fsserve.exporters.triton_repository import export_triton_repository
 

@@ -1,0 +1,104 @@
+"""Compact weight storage: fp16 on disk (folded back to fp32 by onnxruntime), int8 embedding rows; bundles shrink, answers hold."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fsserve.config import PromptConfig
+from fsserve.exporters.compact import compact_weights
+from fsserve.modeling import PromptModel
+from fsserve.predictor import Predictor
+from fsserve.runtime.onnx import OnnxBackend
+
+PROMPT = PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=48)
+TEXTS = ["a fine film, warm and funny", "dull.", "The plot never comes together and the acting is flat.", "An hour too long, but it earns it."]
+
+
+def _toy_graph(path: Path, shared_table: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """ids → Gather(E) → MatMul(W) (+ a second use of E when ``shared_table``); returns (E, W)."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 40)).astype(np.float32) * np.linspace(0.1, 3, 50, dtype=np.float32)[:, None]
+    weight = rng.normal(size=(40, 48)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"), helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 48])]
+    if shared_table:
+        nodes.append(helper.make_node("ReduceSum", ["E"], ["s"], name="uses_table_too", keepdims=0))
+        outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [40]))
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])], outputs,
+                              [numpy_helper.from_array(table, "E"), numpy_helper.from_array(weight, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return table, weight
+
+
+def _run(path: Path, ids: np.ndarray) -> np.ndarray:
+    """The graph's first output under onnxruntime, full optimisation (as the backend creates sessions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+
+def test_fp16_storage_computes_fp32_on_weights_rounded_once(tmp_path: Path) -> None:
+    table, weight = _toy_graph(tmp_path / "full.onnx")
+    record = compact_weights(tmp_path / "full.onnx", tmp_path / "half.onnx", "fp16")
+    assert record["fp16_initializers"] == 2 and record["embedding"] is None
+    ids = np.array([0, 7, 49, 7])
+    expected = table.astype(np.float16).astype(np.float32)[ids] @ weight.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "half.onnx", ids), expected, rtol=1e-5, atol=1e-5)
+    stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "half.onnx")).graph.initializer}
+    assert stored == {"E.fp16": TensorProto.FLOAT16, "W.fp16": TensorProto.FLOAT16}
+    assert os.path.getsize(tmp_path / "half.onnx") < 0.55 * os.path.getsize(tmp_path / "full.onnx")
+
+
+def test_int8_embedding_rows_scale_per_row(tmp_path: Path) -> None:
+    table, weight = _toy_graph(tmp_path / "full.onnx")
+    record = compact_weights(tmp_path / "full.onnx", tmp_path / "q8.onnx", "fp16", embedding_bits=8)
+    assert record["embedding"] == {"name": "E", "rows": 50, "bits": 8}
+    scale = np.abs(table).max(axis=1) / 127
+    rows = np.round(table / scale[:, None]).astype(np.int8).astype(np.float32) * scale[:, None]
+    ids = np.array([3, 0, 49])
+    np.testing.assert_allclose(_run(tmp_path / "q8.onnx", ids), rows[ids] @ weight.astype(np.float16).astype(np.float32), rtol=1e-4, atol=1e-4)
+    stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "q8.onnx")).graph.initializer}
+    assert stored["E.q8"] == TensorProto.INT8 and stored["E.scale"] == TensorProto.FLOAT and "E" not in stored
+
+
+def test_a_table_other_ops_read_is_not_cut_to_8_bits(tmp_path: Path) -> None:
+    _toy_graph(tmp_path / "full.onnx", shared_table=True)
+    record = compact_weights(tmp_path / "full.onnx", tmp_path / "q8.onnx", "fp16", embedding_bits=8)
+    assert record["embedding"] is None and record["fp16_initializers"] == 2
+
+
+def test_bad_storage_options_are_refused(tmp_path: Path) -> None:
+    _toy_graph(tmp_path / "full.onnx")
+    with pytest.raises(ValueError, match="unknown weight storage 'int4'"):
+        compact_weights(tmp_path / "full.onnx", tmp_path / "x.onnx", "int4")
+    with pytest.raises(ValueError, match="embedding_bits must be 8 or None"):
+        compact_weights(tmp_path / "full.onnx", tmp_path / "x.onnx", "fp16", embedding_bits=4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gemma"])
+def test_a_compact_bundle_is_smaller_and_keeps_its_answers(tiny_lm: Any, arch: str, tmp_path: Path) -> None:
+    lm, tokenizer = tiny_lm(arch)
+    model = PromptModel(lm, tokenizer, PROMPT).eval()
+    full = model.export(tmp_path / "full", optimize=False)
+    compact = model.export(tmp_path / "compact", optimize=False, weight_storage="fp16", embedding_bits=8, validation_texts=TEXTS * 4)
+    manifest = json.loads((compact / "manifest.json").read_text())
+    assert manifest["weights"]["storage"] == "fp16" and manifest["weights"]["embedding"]["bits"] == 8
+    assert manifest["agreement_with_fp32"]["examples"] == 16 and not (compact / "torch").exists()
+    assert os.path.getsize(compact / "model.onnx") < 0.4 * os.path.getsize(full / "model.onnx")
+    # agreement recomputed here, not read from the manifest: both graphs on the same inputs
+    reference = Predictor.from_pretrained(full, backend="onnx").label_logits(TEXTS)
+    got = Predictor.from_pretrained(compact, backend="onnx").label_logits(TEXTS)
+    np.testing.assert_allclose(got, reference, atol=2e-2)
+    assert (got.argmax(-1) == reference.argmax(-1)).all()
+    backend = OnnxBackend(compact / "model.onnx")
+    assert backend.input_names[:3] == ["input_ids", "attention_mask", "answer_pos"]
