@@ -265,17 +265,26 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
         return Predictor.from_model(PromptModel.from_pretrained(root / TORCH_DIR), device=device, batch_size=batch_size, **kwargs)
     if backend != "onnx":
         raise ValueError(f"unknown backend {backend!r}: use 'onnx' or 'torch'")
+    encode, num_sentences = bundle_encoder(root, config)
+    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **onnx_options(root, device, kwargs))
+    prompt_config = PromptConfig.from_dict(config["prompt"])
+    finetuned = config.get("method") == "finetune"
+    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range,
+                     num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
+
+
+def bundle_encoder(root: str | Path, config: dict[str, Any]) -> tuple[Callable[[Sequence[Any]], list[Any]], int]:
+    """A (non-ensemble) bundle's ``encode(rows)`` and sentence count, torch-free and without its graph (Triton's preprocessing step reuses it)."""
+    root = Path(root)
     tokenizer = BundleTokenizer.from_folder(root / TOKENIZER_DIR, config["tokenizer"])
     prompt_config = PromptConfig.from_dict(config["prompt"])
     prompt = Prompt(prompt_config, tokenizer, config["kind"])
     if prompt.label_word_ids != config["label_word_ids"]:
         raise BundleError(f"{root / TOKENIZER_DIR}: label words tokenize to {prompt.label_word_ids}, the graph was exported for {config['label_word_ids']}")
-    runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **onnx_options(root, device, kwargs))
     encode = prompt.encode
-    finetuned = config.get("method") == "finetune"
-    if finetuned:  # standard fine-tuning reads the plain text, not the prompt
+    num_sentences = prompt.template.num_sentences
+    if config.get("method") == "finetune":  # standard fine-tuning reads the plain text, not the prompt
         max_length = int(prompt_config.max_length)
-        num_sentences = prompt.template.num_sentences
 
         def encode(examples: Sequence[Any]) -> list[Any]:
             """Plain-text inputs, as the fine-tuned model was trained on."""
@@ -283,8 +292,7 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
     if config["manifest"].get("demos"):
         demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
         encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
-    return Predictor(runner, encode, config["labels"], int(config["pad_token_id"]), prompt_config.regression_range,
-                     prompt.template.num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
+    return encode, num_sentences
 
 
 def load_bundle_demos(path: str | Path) -> Any:
