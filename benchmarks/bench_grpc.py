@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,12 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 class ServerProcess:
     """``fsserve serve`` in a child process on a free loopback port; stopped with SIGTERM (it drains)."""
 
-    def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None, device: str | None = None) -> None:
+    def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None, device: str | None = None,
+                 extra: Sequence[str] = ()) -> None:
         command = [sys.executable, "-m", "fsserve", "serve", f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1",
                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(delay_ms), "--backend", backend,
-                   "--max-queue-size", "1024"] + (["--device", device] if device else [])
+                   "--max-queue-size", "1024"] + (["--device", device] if device else []) + list(extra)
+        self.http_port: int | None = None  # set when ``extra`` asks for --http-port
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -66,7 +69,10 @@ class ServerProcess:
             if not line:
                 break
             seen.append(line.rstrip())
-            match = re.search(r"serving .* on [\d.]+:(\d+)", line)
+            match = re.search(r"serving .*? on [\d.]+:(\d+)", line)
+            http = re.search(r"HTTP/REST on [\d.]+:(\d+)", line)
+            if http:
+                self.http_port = int(http.group(1))
             if match:
                 threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the pipe drained
                 return int(match.group(1))
@@ -84,6 +90,38 @@ class ServerProcess:
                 self.process.wait()
 
 
+def hammer(clients: Sequence[Any], requests: int, call: Callable[[Any, int], None]) -> tuple[list[float], list[str], float]:
+    """Run ``call(client, i)`` for i < requests from one thread per client; return latencies (ms), errors and wall seconds."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker(client: Any) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            try:
+                call(client, i)
+            except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            with lock:
+                latencies.append((time.perf_counter() - start) * 1e3)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    wall = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - wall
+
+
 def drive(url: str, texts: list[str], concurrency: int, requests: int, warmup: int) -> dict[str, Any]:
     """Send ``requests`` one-sentence requests from ``concurrency`` threads; return throughput and latency percentiles."""
     from fsserve.serving import InferenceClient
@@ -92,34 +130,7 @@ def drive(url: str, texts: list[str], concurrency: int, requests: int, warmup: i
     try:
         for i in range(warmup):
             clients[i % concurrency].classify(MODEL_NAME, [texts[i % len(texts)]])
-        latencies: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        counter = iter(range(requests))
-
-        def worker(client: Any) -> None:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                start = time.perf_counter()
-                try:
-                    client.classify(MODEL_NAME, [texts[i % len(texts)]])
-                except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
-                    continue
-                with lock:
-                    latencies.append((time.perf_counter() - start) * 1e3)
-
-        threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
-        wall = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - wall
+        latencies, errors, wall = hammer(clients, requests, lambda client, i: client.classify(MODEL_NAME, [texts[i % len(texts)]]))
     finally:
         for c in clients:
             c.close()
@@ -208,8 +219,13 @@ def main() -> None:
                 print(f"  {run['throughput_per_s']:.1f} req/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms", flush=True)
         finally:
             server.stop()
+    finish(record, args.out, to_markdown)
+
+
+def finish(record: dict[str, Any], out: str, markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Note the load average after the run, write the JSON and markdown, print the tables."""
     record["machine"]["load_avg_after"] = list(os.getloadavg())
-    print(write_json_and_markdown(args.out, record, to_markdown(record)))
+    print(write_json_and_markdown(out, record, markdown(record)))
 
 
 if __name__ == "__main__":
