@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: pip takes the CPU wheel that lies on disk instead of a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,bench]'
+	$(PY) -m pip install -q -e '.[train,dev,serve,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

