@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from fsserve.cli import main
 from fsserve.cli.experiment import add_experiment_parser, config_from_args
 from fsserve.config import PromptConfig
-from fsserve.data import Example
+from fsserve.data import Example, get_task, load_kshot
 from fsserve.experiment.baselines import InContextPrompt
 from fsserve.metrics import compute_metric
 from fsserve.experiment.protocol import (
@@ -136,13 +137,33 @@ def test_untrained_methods_and_similar_demos_run_through_the_protocol(tiny_lm, k
     config = _config(kshot, tmp_path, "tiny-gemma", tasks=["RTE"], seeds=[13], max_steps=1,
                      methods=["zero-shot", "in-context", "prompt-demo-similar"], num_sample=2, demo_max_length=128,
                      context_length=200)
-    gemma = tiny_lm("gemma")
-    records = {c["settings"]["method"]: c for c in run_experiment(config, lambda cfg, cell: run_cell(cfg, cell, pretrained=gemma))["cells"]}
+    lm, tokenizer = tiny_lm("gemma")
+    seen: dict[str, list[str]] = {m: [] for m in config.methods}  # every row the LM was given, decoded, per method
+    current = [""]
+    # The hook on the embedding sees the token ids of every forward; each cell's deep copy of the LM keeps it.
+    lm.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: seen[current[0]].extend(tokenizer.batch_decode(args[0], skip_special_tokens=True)))
+
+    def runner(cfg: ExperimentConfig, cell: Cell) -> dict:
+        current[0] = cell.method
+        return run_cell(cfg, cell, pretrained=(lm, tokenizer))
+
+    records = {c["settings"]["method"]: c for c in run_experiment(config, runner)["cells"]}
     assert records["zero-shot"]["best_step"] is None and records["zero-shot"]["dev"] is not None
     assert records["in-context"]["context_examples"]["max"] >= 1
-    assert records["prompt-demo-similar"]["settings"]["num_sample"] == 2
-    assert records["prompt-demo-similar"]["settings"]["demo_mode"] == "similar"
     assert all(0.0 <= r["test"] <= 1.0 for r in records.values())
+    # Demonstrations entered every prompt of the demo cell (the training step, both draws over dev and over test):
+    # one labelled training example per class before the query, "<premise>? <hypothesis>? <Yes|No>" (RTE, decoder form).
+    train = {ex.text.rstrip("."): ex.label for ex in load_kshot(get_task("RTE"), kshot, 2, 13, "train")}
+    word_of = {"entailment": "Yes", "not_entailment": "No"}
+    rows = seen["prompt-demo-similar"]
+    assert len(rows) == 2 + 2 * (4 + 8)  # one step of batch 2, then num_sample=2 draws over dev (4) and test (8)
+    for row in rows:
+        *demos, query = re.split(r"\? (Yes|No) ", row)
+        shown = [(demo.split("?")[0], word) for demo, word in zip(demos[::2], demos[1::2])]
+        assert sorted(word for _, word in shown) == ["No", "Yes"] and "?" in query, row
+        assert all(premise in train and word_of[train[premise]] == word for premise, word in shown), row
+    assert seen["zero-shot"] and not any(re.search(r"\? (Yes|No) ", row) for row in seen["zero-shot"])
 
 
 @pytest.mark.parametrize("arch", ("bert", "gemma"))

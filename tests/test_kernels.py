@@ -8,6 +8,7 @@ imported, so those cases run in a subprocess that executes this file as a script
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import zlib
@@ -322,10 +323,12 @@ def test_kernel_matches_reference_on_cuda(case: Case, dtype: torch.dtype) -> Non
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_auto_backend_on_cuda_uses_kernel_and_agrees() -> None:
-    """On CUDA ``backend='auto'`` and the forced kernel agree, and both fuse_dense variants agree."""
+def test_auto_backend_on_cuda_uses_kernel_and_agrees(caplog: pytest.LogCaptureFixture) -> None:
+    """On CUDA ``backend='auto'`` takes the kernel path, agrees with the forced kernel, and both fuse_dense variants agree."""
     inputs = make_inputs(Case(768, 37, transform=True, bias=True, words_per_class=(1, 2)), torch.float16, "cuda", 5)
-    auto = label_logits(**inputs)
+    with caplog.at_level(logging.DEBUG, logger="fsserve.kernels.label_logits"):
+        auto = label_logits(**inputs)
+    assert [m.split("backend=")[1].split()[0] for m in caplog.messages if "backend=" in m] == ["triton"]
     for fuse in (False, True):
         torch.testing.assert_close(label_logits(**inputs, backend="triton", fuse_dense=fuse), auto,
                                    **GPU_TOLERANCES[torch.float16])

@@ -69,12 +69,28 @@ def test_training_is_deterministic_under_a_seed(tiny_lm) -> None:
     assert any(not torch.equal(states[0][k], v) for k, v in other.state_dict().items())
 
 
+class _ScriptedDevTrainer(Trainer):
+    """Real training, but the dev scores are given (so which step is best is known) and the weights at each evaluation are kept."""
+
+    def __init__(self, model: PromptModel, args: TrainingArguments, train: list[Example], dev: list[Example], scores: list[float]) -> None:
+        super().__init__(model, args, train, dev)
+        self.scores = iter(scores)
+        self.weights_at_eval: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(self, examples: list[Example]) -> dict[str, object]:  # type: ignore[override]
+        self.weights_at_eval.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return {"metric": self.metric, "score": next(self.scores), "predictions": [], "n": len(examples)}
+
+
 def test_the_best_dev_weights_are_restored(tiny_lm) -> None:
-    train, dev = toy_examples(32, seed=3), toy_examples(16, seed=4)
+    scores = [0.5, 0.9, 0.7, 0.9, 0.6, 0.8]  # step 10 is best; step 20 only ties it, and the last step is worse
     model = _model(tiny_lm, "bert")
-    result = Trainer(model, _args(max_steps=30, eval_steps=5), train, dev).train()
-    assert len(result.evals) == 6 and result.best_score == max(s for _, s in result.evals)
-    assert evaluate_model(model, dev, "acc")["score"] == pytest.approx(result.best_score)
+    trainer = _ScriptedDevTrainer(model, _args(max_steps=30, eval_steps=5), toy_examples(32, seed=3), toy_examples(16, seed=4), scores=scores)
+    result = trainer.train()
+    assert result.evals == list(zip(range(5, 31, 5), scores)) and (result.best_step, result.best_score) == (10, 0.9)
+    at_step_10, at_step_30 = trainer.weights_at_eval[1], trainer.weights_at_eval[-1]
+    assert any(not torch.equal(at_step_10[n], at_step_30[n]) for n in at_step_10)  # training moved on: restoring matters
+    assert all(torch.equal(p, at_step_10[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("arch", ("bert", "gemma"))
