@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fsserve.cli import main
+from fsserve.data import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "sentiment_train.jsonl"
@@ -33,9 +34,9 @@ def test_train_eval_predict(tiny_lm_dir, tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_eval_zero_shot_on_a_kshot_task(tiny_lm_dir, capsys: pytest.CaptureFixture[str]) -> None:
-    data = REPO.parent / "shared" / "data" / "k-shot"
+    data = default_data_dir() / "k-shot"
     if not data.is_dir():
-        pytest.skip("../shared/data is not present")
+        pytest.skip(f"no k-shot data under {data} (set FSSERVE_DATA_DIR)")
     assert main(["eval", str(tiny_lm_dir("gpt2")), "--task", "RTE", "--data", str(data), "--split", "dev", "--max-examples", "8"]) == 0
     out = capsys.readouterr().out
     assert "RTE 16-42/dev (8 examples): acc =" in out

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fsserve.config import PromptConfig, TrainingArguments
-from fsserve.data import get_task, load_kshot
+from fsserve.data import default_data_dir, get_task, load_kshot
 from fsserve.modeling import PromptModel
 from fsserve.training import Trainer, evaluate_model
 
-KSHOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "k-shot"
+KSHOT = default_data_dir() / "k-shot"  # $FSSERVE_DATA_DIR, else ../shared/data
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(not KSHOT.is_dir(), reason="../shared/data is not present")
+@pytest.mark.skipif(not KSHOT.is_dir(), reason=f"no k-shot data under {KSHOT} (set FSSERVE_DATA_DIR)")
 def test_prompt_finetuning_on_sst2_16shot_beats_zero_shot() -> None:
     task = get_task("SST-2")
     train = load_kshot(task, KSHOT, k=16, seed=42, split="train")

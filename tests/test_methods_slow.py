@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fsserve.config import PromptConfig, TrainingArguments
-from fsserve.data import get_task, load_kshot
+from fsserve.data import default_data_dir, get_task, load_kshot
 from fsserve.methods import adapt
 from fsserve.modeling import PromptModel
 from fsserve.predictor import Predictor
@@ -20,7 +20,7 @@ from fsserve.training import Trainer, evaluate_model
 
 pytestmark = pytest.mark.slow
 
-KSHOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "k-shot"
+KSHOT = default_data_dir() / "k-shot"  # $FSSERVE_DATA_DIR, else ../shared/data
 PROMPT = PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=48)
 TEXTS = ["A fine film.", "Dull, slow and far too long.", "Great!"]
 OPTIONS = {"probe": {}, "prompt-tuning": {"num_virtual_tokens": 5}, "prefix-tuning": {"num_virtual_tokens": 5, "prefix_hidden": 24}, "lora": {"lora_r": 4}}
@@ -44,7 +44,7 @@ def test_every_method_exports_through_the_validating_exporter(tiny_lm: Any, tmp_
     np.testing.assert_allclose(torch_probs, Predictor.from_model(model).predict_proba(TEXTS), atol=1e-5)
 
 
-@pytest.mark.skipif(not KSHOT.is_dir(), reason="../shared/data is not present")
+@pytest.mark.skipif(not KSHOT.is_dir(), reason=f"no k-shot data under {KSHOT} (set FSSERVE_DATA_DIR)")
 @pytest.mark.parametrize(("method", "lr"), [("lora", 5e-4), ("prefix-tuning", 5e-3), ("prompt-tuning", 3e-2)])
 def test_gemma_methods_learn_sst2(method: str, lr: float, tmp_path: Path) -> None:
     task = get_task("SST-2")
