@@ -49,15 +49,18 @@ def graph_signature(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def _tensor_block(tensor: dict[str, Any]) -> str:
-    """One ``input``/``output`` entry: the batch axis is dropped, a batch-only tensor becomes [1] → scalar."""
-    dims = tensor["dims"][1:]
-    lines = [f'    name: "{tensor["name"]}"', f"    data_type: {tensor['data_type']}"]
-    if dims:
-        lines.append(f"    dims: [ {', '.join(str(d) for d in dims)} ]")
-    else:
-        lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
+def tensor_entry(name: str, data_type: str, dims: list[int], scalar: bool = False) -> str:
+    """One ``input``/``output`` entry of a config.pbtxt (``scalar``: dims [1] that the model sees reshaped to one value per row)."""
+    lines = [f'    name: "{name}"', f"    data_type: {data_type}", f"    dims: [ {', '.join(str(d) for d in dims)} ]"]
+    if scalar:
+        lines.append("    reshape: { shape: [ ] }")
     return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def _tensor_block(tensor: dict[str, Any]) -> str:
+    """One graph ``input``/``output`` entry: the batch axis is dropped, a batch-only tensor becomes [1] → scalar."""
+    dims = tensor["dims"][1:]
+    return tensor_entry(tensor["name"], tensor["data_type"], dims or [1], scalar=not dims)
 
 
 def render_config(

@@ -50,6 +50,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--triton-model-name", default="fsserve")
     p.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
     p.add_argument("--triton-instances", type=int, default=1)
+    p.add_argument("--triton-text", action="store_true", help="make the Triton repository take text: an ensemble TEXT[, TEXT_B] -> LABEL, PROBS "
+                   "(fsserve's preprocessing and postprocessing as Python-backend models around the graph) instead of the graph alone")
     p.set_defaults(func=run_export)
     return p
 
@@ -96,9 +98,9 @@ def run_export(args: argparse.Namespace) -> int:
               "export without --quantize (or with --int8-nodes down_proj --int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
         from fsserve.exporters.triton_repository import export_triton_repository
+        from fsserve.exporters.triton_text import export_triton_text_repository
 
-        target = export_triton_repository(
-            bundle, args.triton_repository, model_name=args.triton_model_name, kind=args.triton_kind, instance_count=args.triton_instances
-        )
+        write = export_triton_text_repository if args.triton_text else export_triton_repository
+        target = write(bundle, args.triton_repository, model_name=args.triton_model_name, kind=args.triton_kind, instance_count=args.triton_instances)
         print(f"wrote Triton model repository {target}")
     return 0

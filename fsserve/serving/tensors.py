@@ -16,6 +16,7 @@ import numpy as np
 
 from fsserve.serving.protos import grpc_predict_v2_pb2 as pb
 from fsserve.serving.status import InvalidInput
+from fsserve.serving.texts import decode_texts
 
 TEXT, TEXT_B, LABEL, PROBS = "TEXT", "TEXT_B", "LABEL", "PROBS"
 OUTPUTS = (LABEL, PROBS)
@@ -74,22 +75,6 @@ def _element_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
     return int(math.prod(shape))
 
 
-def _decode_texts(name: str, items: list[bytes], max_text_bytes: int) -> list[str]:
-    """UTF-8 decode each element, refusing empty, oversized and undecodable ones by index."""
-    texts: list[str] = []
-    for i, item in enumerate(items):
-        if len(item) > max_text_bytes:
-            raise InvalidInput(f"{name}[{i}] is {len(item)} bytes; the limit is {max_text_bytes}")
-        try:
-            text = item.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"{name}[{i}] is not valid UTF-8 (byte {exc.start})") from None
-        if not text.strip():
-            raise InvalidInput(f"{name}[{i}] is empty (or only whitespace)")
-        texts.append(text)
-    return texts
-
-
 def _typed_bytes(tensor: pb.ModelInferRequest.InferInputTensor, count: int) -> list[bytes]:
     """Read BYTES elements from typed contents, refusing contents of another type."""
     contents = tensor.contents
@@ -127,7 +112,7 @@ def decode_request(request: pb.ModelInferRequest, num_sentences: int, max_text_b
             items = deserialize_bytes_tensor(request.raw_input_contents[index], count, repr(tensor.name))
         else:
             items = _typed_bytes(tensor, count)
-        found[tensor.name] = _decode_texts(tensor.name, items, max_text_bytes)
+        found[tensor.name] = decode_texts(tensor.name, items, max_text_bytes, InvalidInput)
     for name in expected:
         if name not in found:
             raise InvalidInput(f"input {name!r} is missing; this model takes {', '.join(expected)}")
