@@ -191,3 +191,19 @@ def test_cli_export_writes_the_text_repository(tiny_lm: Any, tmp_path: Path, cap
     assert code == 0 and "wrote Triton model repository" in capsys.readouterr().out
     assert parse_config(tmp_path / "triton" / "sst2").platform == "ensemble"
     assert sorted(p.name for p in (tmp_path / "triton").iterdir()) == ["sst2", "sst2_onnx", "sst2_postprocess", "sst2_preprocess"]
+
+
+def test_bounded_load_through_the_ensemble_every_answer_matched(triton: Repository, bundles: dict[str, Path]) -> None:
+    from test_serving_load import request_rows
+
+    predictor = Predictor.from_pretrained(bundles["sst2"], backend="onnx")
+    requests = [{"TEXT": texts_tensor(request_rows(i))} for i in range(96)]
+    answers: list[Any] = []
+    for start in range(0, len(requests), 8):  # what Triton's dynamic batcher hands each step: up to 8 requests at once
+        answers += triton.run_ensemble("sst2", requests[start : start + 8])
+    assert all(isinstance(a, dict) for a in answers), [a for a in answers if not isinstance(a, dict)][:3]
+    rows = [request_rows(i) for i in range(96)]
+    expected = predictor.predict_proba([t for r in rows for t in r])
+    got = np.concatenate([a["PROBS"] for a in answers])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [x.decode() for a in answers for x in a["LABEL"].reshape(-1)] == [predictor.labels[i] for i in expected.argmax(-1)]
