@@ -259,3 +259,34 @@ def test_shutdown_leaves_no_ray_process(ray_serve: dict[str, Any]) -> None:
             break
         time.sleep(0.5)
     assert not left, left
+
+
+def test_deploy_ray_command_serves_until_sigterm(bundle: Path, reference: Any, tmp_path: Path) -> None:
+    """`fsserve deploy ray` starts its own local Ray, answers, and on SIGTERM stops and takes every Ray process with it."""
+    import signal
+    import subprocess
+    import sys
+
+    assert not ray.is_initialized(), "runs after the module's Ray session is shut down"
+    port = _free_port()
+    log = tmp_path / "deploy.log"
+    with open(log, "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "fsserve", "deploy", "ray", f"{MODEL}={bundle}", "--replicas", "1", "--num-cpus", "2",
+                                    "--http-port", str(port), "--grpc-port", "-1", "--replica-cpus", "0.5"],
+                                   stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        first = process.stdout.readline()  # type: ignore[union-attr]
+        assert first.startswith(f"Ray Serve: {MODEL} on 1 replica(s); KServe v2 HTTP on http://127.0.0.1:{port}"), (first, log.read_text()[-2000:])
+        ray_pids = {p.pid for p in psutil.Process(process.pid).children(recursive=True)}
+        answers, failures = _load(port, list(range(8)), clients=2)
+        assert not failures
+        _check_answers(answers, reference)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and out.strip().endswith("stopped"), (process.returncode, out, log.read_text()[-2000:])
+    time.sleep(2)
+    left = [p for p in ray_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, left

@@ -8,6 +8,7 @@ import sys
 
 from fsserve.cli.args import IntermixedParser
 from fsserve.cli.bench import add_bench_parser
+from fsserve.cli.deploy import add_deploy_parser
 from fsserve.cli.experiment import add_experiment_parser
 from fsserve.cli.export import add_export_parser
 from fsserve.cli.methods import add_methods_parsers
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_export_parser(sub)
     add_serve_parsers(sub)
+    add_deploy_parser(sub)
     add_search_parser(sub)
     add_experiment_parser(sub)
     add_bench_parser(sub)
