@@ -56,9 +56,18 @@ def reference(bundle: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def ray_serve(bundle: Path) -> Iterator[dict[str, Any]]:
-    """Two replicas (half a CPU each) on a local Ray of 2 CPUs, HTTP and gRPC on free loopback ports."""
-    config = RayServeConfig(models={MODEL: str(bundle)}, num_replicas=2, replica_cpus=0.5, max_batch_size=16)
+def pair_bundle(tiny_lm: Callable[[str], tuple[Any, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving tests' tiny entailment (sentence-pair) model, exported: a second model in the same replicas."""
+    from fsserve.modeling import PromptModel
+
+    root = tmp_path_factory.mktemp("ray-pairs")
+    return Path(PromptModel.from_pretrained(save_tiny_model(tiny_lm, root / "model", pair=True)).export(root / "bundle", optimize=False))
+
+
+@pytest.fixture(scope="module")
+def ray_serve(bundle: Path, pair_bundle: Path) -> Iterator[dict[str, Any]]:
+    """Two replicas (half a CPU each) of two models on a local Ray of 2 CPUs, HTTP and gRPC on free loopback ports."""
+    config = RayServeConfig(models={MODEL: str(bundle), "rte": str(pair_bundle)}, num_replicas=2, replica_cpus=0.5, max_batch_size=16)
     endpoints = start_ray_serve(config, http_port=_free_port(), grpc_port=_free_port(), num_cpus=2)
     node = ray._private.worker._global_node
     endpoints["session_dir"] = node.get_session_dir_path()
@@ -144,6 +153,33 @@ def test_answers_equal_the_predictor_over_http_and_grpc(ray_serve: dict[str, Any
     np.testing.assert_allclose(result.probs, reference.predict_proba(request_rows(5)), atol=1e-5)
 
 
+def test_tritonclient_http_binary_and_pairs(ray_serve: dict[str, Any], reference: Any, pair_bundle: Path) -> None:
+    """Triton's own HTTP client (binary tensor data) works through Ray's proxy, for the pair model too."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    from fsserve.predictor import Predictor
+
+    client = httpclient.InferenceServerClient(ray_serve["http"].removeprefix("http://"))
+    texts = request_rows(2)
+    text = httpclient.InferInput("TEXT", [len(texts), 1], "BYTES")
+    text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+    result = client.infer(MODEL, [text], request_id="r-1")  # no outputs named: all of them, binary
+    np.testing.assert_allclose(result.as_numpy("PROBS"), reference.predict_proba(texts), atol=1e-5)
+    pairs = (["A man sleeps.", "Two dogs run."], ["Someone rests.", "Cats fly."])
+    inputs = []
+    for name, rows in zip(("TEXT", "TEXT_B"), pairs):
+        tensor = httpclient.InferInput(name, [len(rows)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode() for t in rows], dtype=object))
+        inputs.append(tensor)
+    expected = Predictor.from_pretrained(pair_bundle, backend="onnx").predict_proba(*pairs)
+    np.testing.assert_allclose(client.infer("rte", inputs).as_numpy("PROBS"), expected, atol=1e-5)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("rte", inputs[:1])
+    assert caught.value.status() == "400" and caught.value.message() == "input 'TEXT_B' is missing; this model takes TEXT, TEXT_B"
+    client.close()
+
+
 def test_errors_carry_the_same_status_and_message_as_fsserve_serve(ray_serve: dict[str, Any]) -> None:
     import grpc
 
@@ -155,7 +191,7 @@ def test_errors_carry_the_same_status_and_message_as_fsserve_serve(ray_serve: di
     assert (status, answer) == (400, {"error": "TEXT[0] is empty (or only whitespace)"})
     connection.request("POST", "/v2/models/nope/infer", json.dumps(_body(1)))
     response = connection.getresponse()
-    assert response.status == 404 and json.loads(response.read()) == {"error": f"unknown model 'nope'; this server serves: {MODEL}"}
+    assert response.status == 404 and json.loads(response.read()) == {"error": f"unknown model 'nope'; this server serves: rte, {MODEL}"}
     connection.request("GET", f"/v2/models/{MODEL}")
     metadata = json.loads(connection.getresponse().read())
     assert [t["name"] for t in metadata["inputs"]] == ["TEXT"] and [t["name"] for t in metadata["outputs"]] == ["LABEL", "PROBS"]
@@ -290,3 +326,21 @@ def test_deploy_ray_command_serves_until_sigterm(bundle: Path, reference: Any, t
     time.sleep(2)
     left = [p for p in ray_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, left
+
+
+def test_bad_settings_are_refused_by_name(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsserve.cli.deploy import parse_autoscale
+    from fsserve.serving import ray_app
+
+    with pytest.raises(ValueError, match="not an exported bundle"):
+        RayServeConfig(models={MODEL: str(tmp_path)})
+    with pytest.raises(ValueError, match="num_replicas must be at least 1"):
+        RayServeConfig(models={MODEL: str(bundle)}, num_replicas=0)
+    with pytest.raises(ValueError, match="autoscale must be MIN,MAX"):
+        RayServeConfig(models={MODEL: str(bundle)}, autoscale=(3, 2))
+    with pytest.raises(ValueError, match="--autoscale takes MIN,MAX"):
+        parse_autoscale("4")
+    assert ray_app.deployment_options(RayServeConfig(models={MODEL: str(bundle)}, autoscale=(0, 3)))["autoscaling_config"]["max_replicas"] == 3
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'fsserve\[ray\]'"):
+        ray_app.require_ray()
