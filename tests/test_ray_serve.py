@@ -307,12 +307,12 @@ def test_deploy_ray_command_serves_until_sigterm(bundle: Path, reference: Any, t
     port = _free_port()
     log = tmp_path / "deploy.log"
     with open(log, "w") as err:
-        process = subprocess.Popen([sys.executable, "-m", "fsserve", "deploy", "ray", f"{MODEL}={bundle}", "--replicas", "1", "--num-cpus", "2",
+        process = subprocess.Popen([sys.executable, "-m", "fsserve", "deploy", "ray", f"{MODEL}={bundle}", "--autoscale", "1,2", "--num-cpus", "2",
                                     "--http-port", str(port), "--grpc-port", "-1", "--replica-cpus", "0.5"],
                                    stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         first = process.stdout.readline()  # type: ignore[union-attr]
-        assert first.startswith(f"Ray Serve: {MODEL} on 1 replica(s); KServe v2 HTTP on http://127.0.0.1:{port}"), (first, log.read_text()[-2000:])
+        assert first.startswith(f"Ray Serve: {MODEL} on autoscaling 1-2 replicas; KServe v2 HTTP on http://127.0.0.1:{port}"), (first, log.read_text()[-2000:])
         ray_pids = {p.pid for p in psutil.Process(process.pid).children(recursive=True)}
         answers, failures = _load(port, list(range(8)), clients=2)
         assert not failures

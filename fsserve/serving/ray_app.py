@@ -12,8 +12,8 @@ that made it in the ``fsserve-replica`` header.
 Ray is imported only inside functions: ``import fsserve.serving`` never needs it, and a missing
 Ray raises an ImportError naming the ``[ray]`` extra.
 
->>> config = RayServeConfig(models={"sst2": "bundles/sst2"}, num_replicas=2)
->>> deployment_options(config)["num_replicas"]
+>>> config = RayServeConfig(models={"sst2": "bundles/sst2"}, num_replicas=2)  # doctest: +SKIP
+>>> deployment_options(config)["num_replicas"]  # doctest: +SKIP
 2
 """
 
@@ -60,7 +60,7 @@ class RayServeConfig:
     ``autoscale=(min, max)`` replaces ``num_replicas`` with Ray's autoscaler, which keeps about
     ``target_ongoing_requests`` requests in flight per replica.
 
-    >>> RayServeConfig(models={"sst2": "b"}, autoscale=(1, 4)).autoscale
+    >>> RayServeConfig(models={"sst2": "bundles/sst2"}, autoscale=(1, 4)).autoscale  # doctest: +SKIP
     (1, 4)
     """
 
@@ -134,6 +134,14 @@ class RayServedModel(ServedModel):
     async def classify(self, texts: list[str], texts_b: list[str] | None = None, timeout: float | None = None) -> np.ndarray:
         """Probabilities for one request, batched by Ray with the others in flight on this replica."""
         return await self._run_batch((texts, texts_b))
+
+    async def start(self) -> None:
+        """Nothing to start: Ray's batch queue starts with the first request."""
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Not ready from now on; Ray drains the replica's requests when it stops the replica."""
+        self.ready = False
 
 
 class FsserveReplica:
