@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fsserve.bench.report import machine_info, write_json_and_markdown
-from fsserve.bench.timing import load_texts
+from fsserve.bench.timing import load_texts, summarize
 
 TEMPLATE = "{sent_0} It was {mask}."
 WORDS = {"0": "terrible", "1": "great"}
@@ -85,12 +85,6 @@ def interleaved(calls: dict[str, Callable[[], Any]], runs: int, sync: Callable[[
     return samples
 
 
-def _summary(samples: list[float], rows: int) -> dict[str, float]:
-    """p50/p90/p99 and throughput at the median."""
-    p50, p90, p99 = (float(x) for x in np.percentile(samples, [50, 90, 99]))
-    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "throughput_per_s": rows / (p50 / 1e3), "runs": len(samples)}
-
-
 def fidelity(model: Any, device: str, texts: list[str]) -> dict[str, Any]:
     """Graph backend (fp32 and the default dtype) against eager fp32 on the same texts: label agreement, max |Δ logit|."""
     from fsserve.predictor import Predictor
@@ -122,7 +116,7 @@ def demo_selection(device: str, pool: list[str], queries: list[str], runs: int) 
     for size in (1, 32):
         batch = queries[:size]
         samples = interleaved({"select": lambda: index.select(batch, mode="similar")}, runs, lambda: None)["select"]
-        out[f"batch_{size}"] = _summary(samples, size) | {"per_query_ms": float(np.median(samples)) / size}
+        out[f"batch_{size}"] = summarize(samples, size) | {"per_query_ms": float(np.median(samples)) / size}
     return out
 
 
@@ -155,7 +149,7 @@ def run(model_name: str, device: str, cells: list[tuple[int, int]], runs: int, t
                                "transformers": lambda: plain(texts)}, runs, sync)
         baseline = float(np.median(samples["transformers"]))
         for name, values in samples.items():
-            results.append({"backend": name, "batch_size": rows, "tokens": tokens, **_summary(values, rows),
+            results.append({"backend": name, "batch_size": rows, "tokens": tokens, **summarize(values, rows),
                             "speedup": baseline / float(np.median(values))})
         print(f"{rows} x {tokens}: " + ", ".join(f"{n} {np.median(v):.2f} ms" for n, v in samples.items()), flush=True)
     weights = sum(p.numel() * p.element_size() for p in graphs.backend.model.parameters())

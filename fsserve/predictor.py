@@ -25,6 +25,10 @@ from fsserve.runtime.onnx import OnnxBackend
 
 logger = logging.getLogger(__name__)
 
+# Options only the CUDA-graph backend takes, and all the torch backends' own (refused for onnx).
+GRAPH_OPTIONS = frozenset({"batch_buckets", "seq_buckets", "warmup", "compile"})
+TORCH_OPTIONS = GRAPH_OPTIONS | {"cuda_graphs", "dtype"}
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis (float64 inside, float32 out)."""
@@ -206,7 +210,7 @@ def torch_backend(model: Any, device: str | None = None, cuda_graphs: bool | Non
         return GraphBackend(model, device=resolved, **kwargs)
     from fsserve.runtime.torch import TorchBackend
 
-    graph_only = sorted(set(kwargs) & {"batch_buckets", "seq_buckets", "warmup", "compile"})
+    graph_only = sorted(set(kwargs) & GRAPH_OPTIONS)
     if graph_only:
         raise ValueError(f"{', '.join(graph_only)} only apply to the CUDA-graph backend (device='cuda', cuda_graphs not False)")
     return TorchBackend(model, device=resolved, **kwargs)
@@ -337,7 +341,7 @@ def trt_cache_dir(bundle: str | Path) -> Path:
 def onnx_options(root: Path, device: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The OnnxBackend options for a bundle: TensorRT's engine cache beside it unless one is given."""
     options = dict(kwargs)
-    torch_only = sorted(set(options) & {"cuda_graphs", "dtype", "batch_buckets", "seq_buckets", "warmup", "compile"})
+    torch_only = sorted(set(options) & TORCH_OPTIONS)
     if torch_only:
         raise ValueError(f"{', '.join(torch_only)} apply to the torch backend, not to onnx")
     if str(device or "").startswith("tensorrt") and options.get("trt_cache_dir") is None:
