@@ -100,14 +100,21 @@ class PromptConfig(_JsonConfig):
 
 
 DEMO_MODES = ("random", "similar", "top1")
+DEMO_ORDERS = ("class", "shuffle", "similar-last")
 
 
 @dataclass
 class DemoConfig(_JsonConfig):
-    """How demonstrations are drawn: fresh per example and step in training, ``top1`` by default at prediction.
+    """How demonstrations are drawn and laid out: fresh per example and step in training, ``top1`` by default at prediction.
+
+    The format fields (``order``, ``separator``, ``per_class``, ``label_after``) are read by
+    :class:`fsserve.demos.DemoPrompt`; their defaults are LM-BFF's one demonstration per class, in
+    class order, joined by a space, each ending with its label word.
 
     >>> DemoConfig(train_mode="similar", eval_mode="top1").filter_rate
     0.5
+    >>> DemoConfig(order="shuffle", separator="\\n", per_class=2).per_class
+    2
     """
 
     train_mode: str = "similar"
@@ -116,8 +123,20 @@ class DemoConfig(_JsonConfig):
     num_sample: int = 1
     encoder: str | None = None
     index_type: str = "flat"
+    order: str = "class"  # "class", "shuffle" (seeded by the query text) or "similar-last" (most similar next to the query)
+    separator: str = " "  # between demonstrations and before (decoder) or after (masked LM) the query
+    per_class: int = 1  # demonstrations of each class in every prompt
+    label_after: bool = True  # False: each demonstration is its text only, without template or label word
 
     def __post_init__(self) -> None:
+        if self.order not in DEMO_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(DEMO_ORDERS)}, got {self.order!r}")
+        if not isinstance(self.separator, str):
+            raise ValueError(f"separator must be a string (e.g. ' ' or '\\n'), got {self.separator!r}")
+        if isinstance(self.per_class, bool) or not isinstance(self.per_class, int) or self.per_class < 1:
+            raise ValueError(f"per_class must be an integer of at least 1, got {self.per_class!r}")
+        if not isinstance(self.label_after, bool):
+            raise ValueError(f"label_after must be True or False, got {self.label_after!r}")
         for name in ("train_mode", "eval_mode"):
             if getattr(self, name) not in DEMO_MODES:
                 raise ValueError(f"{name} must be one of {', '.join(DEMO_MODES)}, got {getattr(self, name)!r}")

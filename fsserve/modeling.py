@@ -100,7 +100,7 @@ class PromptModel(nn.Module):
         self.eval()  # like HF's from_pretrained: inference mode until a Trainer says otherwise
 
     def attach_demos(self, index: Any, config: DemoConfig | None = None) -> None:
-        """Append one demonstration per class from this pool (a ``DemoIndex``) to every prompt; ``None`` removes them."""
+        """Append demonstrations of every class from this pool (a ``DemoIndex``) to every prompt, in ``config``'s format; ``None`` removes them."""
         if index is not None:
             if self.method != "prompt":
                 raise ValueError("demonstrations go with the prompt method, not standard fine-tuning")
@@ -110,7 +110,7 @@ class PromptModel(nn.Module):
                 raise ValueError(f"the demonstration pool's classes {classes} do not match the model's labels {expected}")
             from fsserve.demos.prompting import DemoPrompt
 
-            self.demo_prompt = DemoPrompt(self.prompt)
+            self.demo_prompt = DemoPrompt.from_config(self.prompt, config or self.demo_config)
         else:
             self.demo_prompt = None
         self.demo_index = index
@@ -245,13 +245,8 @@ class PromptModel(nn.Module):
     ) -> list[Encoded]:
         """Tokenize examples for this model's method (a prompt, with demonstrations if attached, or plain text)."""
         if self.method == "prompt" and self.demo_index is not None:
-            if not examples:
-                return []
             mode = demo_mode or self.demo_config.eval_mode
-            chosen = self.demo_index.select(
-                examples, mode=mode, filter_rate=self.demo_config.filter_rate, rng=rng, embeddings=embeddings
-            )
-            return self.demo_prompt.encode(examples, self.demo_index.demos(chosen))
+            return self.demo_prompt.encode_selected(self.demo_index, examples, mode, self.demo_config.filter_rate, rng, embeddings)
         if self.method == "prompt":
             return self.prompt.encode(examples)
         from fsserve.prompts.plain import encode_plain
@@ -335,7 +330,7 @@ class PromptModel(nn.Module):
 
         cfg = self.demo_config
         vectors = None
-        if cfg.eval_mode != "random":
+        if cfg.eval_mode != "random" or cfg.order == "similar-last":
             vectors = self.demo_index.embed([query_text(ex) for ex in examples])
         rng = np.random.default_rng(0)
         total = torch.zeros(len(examples), self.head_outputs)

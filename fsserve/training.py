@@ -122,7 +122,7 @@ class Trainer:
         demos = model.demo_index
         encoded = model.encode(self.train_examples) if demos is None else None
         vectors = None
-        if demos is not None and model.demo_config.train_mode != "random":
+        if demos is not None and (model.demo_config.train_mode != "random" or model.demo_config.order == "similar-last"):
             from fsserve.demos import pair_text
 
             vectors = demos.embed([pair_text(ex.text, ex.text_b) for ex in self.train_examples])

@@ -116,3 +116,48 @@ def test_the_bundle_carries_the_pool_and_the_onnx_predictor_uses_it(tiny_lm, poo
     import numpy as np
 
     np.testing.assert_allclose(onnx.label_logits(texts), expected, atol=1e-4)
+
+
+FORMATS = [DemoConfig(train_mode="similar", order="shuffle", separator="\n", per_class=2),
+           DemoConfig(train_mode="random", order="similar-last", separator="\n\n", label_after=False)]
+
+
+@pytest.mark.parametrize("config", FORMATS, ids=["shuffle-2-per-class", "similar-last-no-label"])
+def test_a_demo_format_trains_saves_and_predicts_alike(tiny_lm, pool_index: DemoIndex, tmp_path: Path, config: DemoConfig) -> None:
+    model = _model(tiny_lm, "gemma")
+    model.attach_demos(pool_index, config)
+    Trainer(model, TrainingArguments(max_steps=2, batch_size=4, learning_rate=1e-3, progress=False), POOL).train()
+    texts = ["a lovely film", "so dull"]
+    text = model.tokenizer.decode(model.encode(texts[:1])[0].input_ids)
+    assert text.count(config.separator) == 2 * config.per_class and ("It was great" in text) == config.label_after
+    before = model.predict_logits(texts)
+    model.save_pretrained(tmp_path / "m")
+    loaded = PromptModel.from_pretrained(tmp_path / "m")
+    assert loaded.demo_config == config
+    assert [e.input_ids for e in loaded.encode(texts)] == [e.input_ids for e in model.encode(texts)]
+    torch.testing.assert_close(loaded.predict_logits(texts), before, atol=0, rtol=0)
+    predictor = Predictor.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(torch.from_numpy(predictor.label_logits(texts)), before, atol=1e-6, rtol=0)
+
+
+def test_a_bundle_serves_the_demo_format_it_was_trained_with(tiny_lm, pool_index: DemoIndex, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from fsserve.bundle import read_bundle_config
+    from fsserve.predictor import bundle_encoder
+
+    config = DemoConfig(order="similar-last", separator="\n", per_class=2)
+    model = _model(tiny_lm, "gemma")
+    model.attach_demos(pool_index, config)
+    texts = ["a lovely film", "so dull", "a funny and warm movie"]
+    expected = model.predict_logits(texts).numpy()
+    bundle = model.export(tmp_path / "bundle")
+    saved = json.loads((bundle / "fsserve.json").read_text())["demos"]["config"]
+    assert {k: saved[k] for k in ("order", "separator", "per_class", "label_after")} == {
+        "order": "similar-last", "separator": "\n", "per_class": 2, "label_after": True}
+    encode, _ = bundle_encoder(bundle, read_bundle_config(bundle))  # the served path's encoder (torch-free)
+    assert [e.input_ids for e in encode(texts)] == [e.input_ids for e in model.encode(texts)]
+    onnx = Predictor.from_pretrained(bundle, backend="onnx")
+    np.testing.assert_allclose(onnx.label_logits(texts), expected, atol=1e-4)

@@ -1,14 +1,16 @@
 """DemoIndex: LM-BFF's demonstration pool, embedded once with a sentence encoder, one FAISS index per class.
 
 Vectors are L2-normalised, so FAISS's inner product is the cosine similarity LM-BFF ranks by.
-Selection returns, for every query, one pool id per class in class order (``select`` embeds a
-batch of queries in one encoder call; ``select_by_id`` reuses the stored embeddings of pool
-members, which is what training needs). A query never gets itself: neither its own pool id nor any
-pool entry with the same text. Regression pools are split into classes "0"/"1" at the task's median
-(LM-BFF's rule, ``fsserve.data.regression_class``) or at an explicit ``threshold``. ``similar``
-keeps the top ``filter_rate`` of each class's candidates (LM-BFF: of the pool size / classes; the same
-for balanced pools). ``select`` only reads (CPU FAISS searches may run concurrently); ``add`` must not
-run beside it.
+Selection returns, for every query, one pool id per class in class order, or with ``per_class=k``
+k of each in rounds (column ``r * classes + j`` is class j's r-th pick). ``select`` embeds a batch
+of queries in one encoder call; ``select_by_id`` reuses the stored embeddings of pool members, which
+is what training needs. A query never gets itself: neither its own pool id nor any pool entry with
+the same text. Regression pools are split into classes "0"/"1" at the task's median (LM-BFF's rule,
+``fsserve.data.regression_class``) or at an explicit ``threshold``. ``similar`` keeps the top
+``filter_rate`` of each class's candidates (LM-BFF: of the pool size / classes; the same for
+balanced pools, at least k) and samples k distinct ones from them; ``top1`` takes the k best, best first;
+``random`` k distinct ones. ``select`` only reads (CPU FAISS searches may run concurrently); ``add``
+must not run beside it.
 """
 
 from __future__ import annotations
@@ -278,13 +280,13 @@ class DemoIndex:
         return self._class_of[np.asarray(pool_ids, dtype=np.int64)]
 
     def demos(self, selection: np.ndarray) -> list[list[Example]]:
-        """Turn a ``select`` result into the demonstration Examples, one list per query in class order."""
+        """Turn a ``select`` result into the demonstration Examples, one list per query in the selection's order."""
         return [[self.examples[int(i)] for i in row] for row in np.asarray(selection)]
 
     def select(self, queries: Sequence[Query], mode: str = "top1", filter_rate: float = 0.5,
                rng: np.random.Generator | int | None = None, exclude: Sequence[Any] | None = None,
-               embeddings: np.ndarray | None = None) -> np.ndarray:
-        """Pick one demonstration per class for each query: a (queries × classes) array of pool ids.
+               embeddings: np.ndarray | None = None, per_class: int = 1) -> np.ndarray:
+        """Pick ``per_class`` demonstrations per class for each query: a (queries × per_class·classes) array of pool ids.
 
         ``exclude`` has one entry per query: a pool id, a collection of ids, or None. Pool entries with the
         query's own text are always excluded. ``embeddings`` (from :meth:`embed`) lets several draws for
@@ -302,52 +304,61 @@ class DemoIndex:
             vectors = self.embed(texts)
         elif vectors is not None and np.shape(vectors) != (len(keys), self.dim):
             raise ValueError(f"embeddings must have shape ({len(keys)}, {self.dim}), got {np.shape(vectors)}")
-        return self._select(vectors, keys, banned, mode, filter_rate, rng)
+        return self._select(vectors, keys, banned, mode, filter_rate, rng, per_class)
 
     def select_by_id(self, pool_ids: Sequence[int] | np.ndarray, mode: str = "similar", filter_rate: float = 0.5,
-                     rng: np.random.Generator | int | None = None) -> np.ndarray:
+                     rng: np.random.Generator | int | None = None, per_class: int = 1) -> np.ndarray:
         """Select for queries that are pool members (training), from their stored embeddings: no encoder call."""
         ids = np.asarray(pool_ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.examples)):
             raise ValueError(f"pool ids must be in [0, {len(self.examples)}), got {ids.min()}..{ids.max()}")
         keys = [_key(pair_text(self.examples[i].text, self.examples[i].text_b)) for i in ids.tolist()]
-        return self._select(self._embeddings[ids], keys, [{i} for i in ids.tolist()], mode, filter_rate, rng)
+        return self._select(self._embeddings[ids], keys, [{i} for i in ids.tolist()], mode, filter_rate, rng, per_class)
 
     def _select(self, vectors: np.ndarray | None, keys: list[str], banned: list[set[int]], mode: str,
-                filter_rate: float, rng: np.random.Generator | int | None) -> np.ndarray:
+                filter_rate: float, rng: np.random.Generator | int | None, per_class: int = 1) -> np.ndarray:
         """Shared body of the two selection entry points; ``banned`` grows by each query's identical texts."""
         if mode not in MODES:
             raise ValueError(f"unknown selection mode {mode!r}: choose one of {', '.join(MODES)}")
         if not 0.0 < filter_rate <= 1.0:
             raise ValueError(f"filter_rate must be in (0, 1], got {filter_rate}")
+        if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+            raise ValueError(f"per_class must be an integer of at least 1, got {per_class!r}")
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        out = np.empty((len(keys), len(self.classes)), dtype=np.int64)
+        n, k = len(self.classes), int(per_class)
+        out = np.empty((len(keys), n * k), dtype=np.int64)
         if not keys:
             return out
-        banned = [b | set(self._keys.get(k, ())) for b, k in zip(banned, keys)]
+        banned = [b | set(self._keys.get(key, ())) for b, key in zip(banned, keys)]
         for j, label in enumerate(self.classes):
             members = self._members[j]
             own = [np.array(sorted(i for i in b if self._class_of[i] == j), dtype=np.int64) for b in banned]
             avail = [len(members) - len(o) for o in own]
-            if min(avail) < 1:
-                raise ValueError(f"class {label!r} has no demonstration left once the query itself is excluded")
+            if min(avail) < k:
+                raise ValueError(f"class {label!r} has {min(avail)} demonstration(s) left once the query itself is "
+                                 f"excluded, but per_class={k} needs {k}")
+            columns = slice(j, n * k, n)  # class j's picks, one per round
             if mode == "random":
                 for q, o in enumerate(own):
-                    out[q, j] = rng.choice(np.setdiff1d(members, o, assume_unique=True) if len(o) else members)
+                    candidates = np.setdiff1d(members, o, assume_unique=True) if len(o) else members
+                    out[q, columns] = rng.choice(candidates) if k == 1 else rng.choice(candidates, size=k, replace=False)
                 continue
-            want = [1 if mode == "top1" else max(1, int(a * filter_rate)) for a in avail]
-            k = min(len(members), max(w + len(o) for w, o in zip(want, own)))
-            found = self._search(j, vectors, k)
+            want = [k if mode == "top1" else min(a, max(k, int(a * filter_rate))) for a in avail]
+            depth = min(len(members), max(w + len(o) for w, o in zip(want, own)))
+            found = self._search(j, vectors, depth)
             for q, (o, w) in enumerate(zip(own, want)):
                 row = found[q][found[q] >= 0]
                 row = members[row]
                 if len(o):
                     row = row[~np.isin(row, o)]
                 row = row[:w]
-                if not len(row):  # an approximate index missed every candidate: fall back to exact
-                    row = self._exact(j, vectors[q : q + 1], k)[0]
+                if len(row) < k:  # an approximate index missed candidates: fall back to exact
+                    row = self._exact(j, vectors[q : q + 1], depth)[0]
                     row = members[row][~np.isin(members[row], o)][:w]
-                out[q, j] = row[0] if mode == "top1" else rng.choice(row)
+                if mode == "top1":
+                    out[q, columns] = row[:k]
+                else:
+                    out[q, columns] = rng.choice(row) if k == 1 else rng.choice(row, size=k, replace=False)
         return out
 
     def _search(self, j: int, vectors: np.ndarray, k: int) -> np.ndarray:
