@@ -159,3 +159,19 @@ def test_train_on_a_published_split_with_a_blank_row(tiny_lm_dir, tmp_path: Path
     assert main(["train", "--model", str(tiny_lm_dir("bert")), "--train", str(mine), "--template", "{sent_0} It was {mask}.",
                  "--label-words", "0:terrible,1:great", "--steps", "1", "--out", str(tmp_path / "out2")]) == 2
     assert "mine.csv:3: empty text" in capsys.readouterr().err
+
+
+def test_train_takes_the_demonstration_format(tiny_lm_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo-model"
+    assert main(["train", "--model", str(tiny_lm_dir("gemma")), "--train", str(TRAIN), "--template", "{sent_0} It was {mask}.",
+                 "--label-words", "0:terrible,1:great", "--steps", "1", "--demos", "similar", "--demo-order", "shuffle",
+                 "--demo-separator", r"\n", "--demos-per-class", "2", "--no-demo-label-after", "--out", str(out)]) == 0
+    saved = json.loads((out / "fsserve.json").read_text())["demos"]["config"]
+    assert (saved["order"], saved["separator"], saved["per_class"], saved["label_after"]) == ("shuffle", "\n", 2, False)
+    capsys.readouterr()
+    assert main(["predict", str(out), "What a joy.", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] in ("0", "1")
+    assert main(["train", "--model", str(tiny_lm_dir("gemma")), "--train", str(TRAIN), "--template", "{sent_0} It was {mask}.",
+                 "--label-words", "0:terrible,1:great", "--steps", "1", "--demos", "similar", "--demos-per-class", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "per_class must be an integer of at least 1, got 0" in capsys.readouterr().err

@@ -153,6 +153,31 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     g.add_argument("--num-sample", type=int, default=1, help="evaluation draws to average (LM-BFF: 16; ignored for top1)")
     g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' samples from this top fraction")
     g.add_argument("--demo-encoder", help="sentence-transformers model for similarity (default: all-MiniLM-L6-v2)")
+    add_demo_format_args(g)
+
+
+def add_demo_format_args(g: Any) -> None:
+    """The demonstration format flags (fsserve.config.DemoConfig's order, separator, per_class, label_after)."""
+    from fsserve.config import DEMO_ORDERS
+
+    g.add_argument("--demo-order", default="class", choices=list(DEMO_ORDERS),
+                   help="class (LM-BFF), shuffle (seeded by each query's text) or similar-last (the most similar next to the query)")
+    g.add_argument("--demo-separator", type=escaped_text, default=" ", metavar="TEXT",
+                   help=r"text between demonstrations and the query, with \n and \t escapes, e.g. '\n' (default: a space)")
+    g.add_argument("--demos-per-class", type=int, default=1, metavar="N", help="demonstrations of each class in every prompt (default 1)")
+    g.add_argument("--demo-label-after", action=argparse.BooleanOptionalAction, default=True,
+                   help="end each demonstration with its label word (--no-demo-label-after: its text only, an ablation)")
+
+
+def escaped_text(value: str) -> str:
+    r"""Read ``\n``, ``\t`` and ``\\`` in a command-line string as newline, tab and backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], value)
+
+
+def demo_format(args: argparse.Namespace) -> dict[str, Any]:
+    """The DemoConfig format fields from the --demo-order/--demo-separator/--demos-per-class/--demo-label-after flags."""
+    return {"order": args.demo_order, "separator": args.demo_separator, "per_class": args.demos_per_class,
+            "label_after": args.demo_label_after}
 
 
 # -- resolving the arguments ----------------------------------------------------------------

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fsserve.cli.args import (add_data_args, add_prompt_args, add_torch_device_args, add_training_args, check_model_source, eval_examples,
-                              load_train_dev, model_kind, prompt_config, task_and_data, training_args)
+from fsserve.cli.args import (add_data_args, add_prompt_args, add_torch_device_args, add_training_args, check_model_source, demo_format,
+                              eval_examples, load_train_dev, model_kind, prompt_config, task_and_data, training_args)
 
 
 def build_and_train(args: argparse.Namespace, task: Any, data: Path) -> tuple[Any, Any, str]:
@@ -37,7 +37,8 @@ def build_and_train(args: argparse.Namespace, task: Any, data: Path) -> tuple[An
         from fsserve.demos import DemoIndex
 
         index = DemoIndex(train, labels=None if prompt.is_regression else model.labels, task=task, encoder=args.demo_encoder)
-        config = DemoConfig(train_mode=args.demos, eval_mode=args.demo_eval, num_sample=args.num_sample, filter_rate=args.filter_rate)
+        config = DemoConfig(train_mode=args.demos, eval_mode=args.demo_eval, num_sample=args.num_sample, filter_rate=args.filter_rate,
+                            **demo_format(args))
         model.attach_demos(index, config)
     result = Trainer(model, targs, train, dev, metric=metric).train()
     return model, result, metric
