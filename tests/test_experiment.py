@@ -166,6 +166,46 @@ def test_untrained_methods_and_similar_demos_run_through_the_protocol(tiny_lm, k
     assert seen["zero-shot"] and not any(re.search(r"\? (Yes|No) ", row) for row in seen["zero-shot"])
 
 
+def test_the_demo_format_enters_the_cache_key_only_when_it_is_not_lmbffs(tiny_lm, kshot: Path, tmp_path: Path, monkeypatch) -> None:
+    demo, plain = Cell("SST-2", "prompt-demo-similar", 13, 1e-3, 2), Cell("SST-2", "prompt", 13, 1e-3, 2)
+    config = _config(kshot, tmp_path, "tiny")
+    default = cell_settings(config, demo)
+    # The keys of every demo cell cached before the format was a setting: such cells keep their files.
+    assert set(default) == {"version", "task", "method", "seed", "model", "k", "data_sha256", "max_test", "max_length", "max_steps",
+                            "eval_steps", "learning_rate", "batch_size", "freeze_embeddings", "demo_mode", "demo_eval_mode",
+                            "num_sample", "filter_rate", "demo_encoder"}
+    explicit = _config(kshot, tmp_path, "tiny", demo_order="class", demo_separator=" ", demo_per_class=1, demo_label_after=True)
+    assert cache_path(explicit, cell_settings(explicit, demo)) == cache_path(config, default)
+    paths = {cache_path(config, default)}
+    for change in ({"demo_order": "shuffle"}, {"demo_order": "similar-last"}, {"demo_separator": "\n"}, {"demo_separator": "\n\n"},
+                   {"demo_per_class": 2}, {"demo_label_after": False}, {"demo_order": "shuffle", "demo_per_class": 2}):
+        other = _config(kshot, tmp_path, "tiny", **change)
+        settings = cell_settings(other, demo)
+        assert settings["demo_format"] == other.demo_format() and cache_path(other, settings) not in paths
+        paths.add(cache_path(other, settings))
+        assert cell_settings(other, plain) == cell_settings(config, plain)  # a cell without demonstrations is shared
+        assert ExperimentConfig.from_dict(json.loads(other.to_json())) == other  # what --workers hands its helpers
+    for bad, message in (({"demo_order": "best"}, "demo_order must"), ({"demo_per_class": 0}, "demo_per_class must"),
+                         ({"demo_separator": 1}, "demo_separator must"), ({"demo_label_after": "no"}, "demo_label_after must")):
+        with pytest.raises(ValueError, match=message):
+            _config(kshot, tmp_path, "tiny", **bad)
+    # run_cell builds its DemoConfig with the format
+    import fsserve.modeling
+
+    class Stop(Exception):
+        pass
+
+    def attach(self, index, config=None):
+        raise Stop(config)
+
+    monkeypatch.setattr(fsserve.modeling.PromptModel, "attach_demos", attach)
+    with pytest.raises(Stop) as stopped:
+        run_cell(_config(kshot, tmp_path, "tiny", demo_order="similar-last", demo_per_class=2, demo_separator="\n"), demo,
+                 pretrained=tiny_lm("gemma"))
+    used = stopped.value.args[0]
+    assert (used.order, used.per_class, used.separator, used.label_after, used.train_mode) == ("similar-last", 2, "\n", True, "similar")
+
+
 @pytest.mark.parametrize("arch", ("bert", "gemma"))
 def test_in_context_fills_the_length_with_whole_labelled_examples_before_the_query(tiny_lm, arch: str) -> None:
     lm, tok = tiny_lm(arch)
@@ -238,6 +278,10 @@ def test_cli_parses_grids_and_runs_an_experiment(kshot: Path, tmp_path: Path, ca
     config = config_from_args(args)
     assert config.grid("prompt") == [(1e-5, 4), (1e-5, 8), (2e-5, 4), (2e-5, 8)] and config.grid("finetune") == [(1e-4, 4), (1e-4, 8)]
     assert (config.max_steps, config.eval_steps, config.max_test, config.num_sample) == (30, 100, 100, 4)
+    assert config.demo_format() == {"order": "class", "separator": " ", "per_class": 1, "label_after": True}
+    args = parser.parse_args(["experiment", "--tasks", "SST-2", "--data", str(kshot), "--demo-order", "shuffle",
+                              "--demo-separator", "\\n\\n", "--demos-per-class", "2", "--no-demo-label-after"])
+    assert config_from_args(args).demo_format() == {"order": "shuffle", "separator": "\n\n", "per_class": 2, "label_after": False}
     import fsserve.experiment.protocol
 
     seen: list[ExperimentConfig] = []

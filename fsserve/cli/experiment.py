@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fsserve.cli.args import check_model_source, comma_list
+from fsserve.cli.args import add_demo_format_args, check_model_source, comma_list
 
 logger = logging.getLogger("fsserve.cli")
 
@@ -53,6 +53,7 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' draws from this top fraction")
     g.add_argument("--demo-max-length", type=int, default=256, help="prompt length with demonstrations")
     g.add_argument("--demo-encoder", help="sentence-transformers model (default: all-MiniLM-L6-v2)")
+    add_demo_format_args(g)  # a format other than LM-BFF's enters the cells' cache keys
     g.add_argument("--context-length", type=int, default=512, help="in-context: tokens the context and query may fill")
     g.add_argument("--context-examples", type=int, default=32, help="in-context: at most this many examples (LM-BFF: 32)")
     p.add_argument("--workers", type=int, default=1,
@@ -74,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         freeze_embeddings=args.freeze_embeddings, max_length=args.max_length, demo_max_length=args.demo_max_length,
         context_length=args.context_length, context_examples=args.context_examples, num_sample=args.num_sample,
         filter_rate=args.filter_rate, demo_encoder=args.demo_encoder, eval_batch_size=args.eval_batch_size,
+        demo_order=args.demo_order, demo_separator=args.demo_separator, demo_per_class=args.demos_per_class,
+        demo_label_after=args.demo_label_after,
     )
 
 

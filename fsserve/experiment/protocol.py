@@ -12,7 +12,10 @@ several shells): each claims a cell before computing it (``fsserve.experiment.ce
 Methods (LM-BFF, Table 3): ``zero-shot`` (the prompt, untrained), ``in-context`` (GPT-3 style,
 ``fsserve.experiment.baselines``), ``finetune`` (standard fine-tuning, a new head), ``prompt`` (prompt-based
 fine-tuning), ``prompt-demo`` / ``prompt-demo-similar`` (with random / SBERT-similar demonstrations
-drawn from the training set; evaluation averages ``num_sample`` draws, LM-BFF: 16).
+drawn from the training set; evaluation averages ``num_sample`` draws, LM-BFF: 16), laid out in the
+format ``demo_order`` / ``demo_separator`` / ``demo_per_class`` / ``demo_label_after`` gives
+(``fsserve.config.DemoConfig``; the defaults are LM-BFF's, and only a format that differs from it
+enters a cell's key, so cells cached before the format was a setting keep their files).
 Reports (markdown table, JSON, grouped-bar plot) are in ``fsserve.experiment.report``.
 """
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fsserve.config import PromptConfig, _JsonConfig
+from fsserve.config import DemoConfig, PromptConfig, _JsonConfig
 from fsserve.data import TaskSpec, get_task, load_kshot
 from fsserve.sampling import stratified_sample
 from fsserve.utils.atomic import sha256_file, write_json_atomic
@@ -39,6 +42,8 @@ METHODS = ("zero-shot", "in-context", "finetune", "prompt", "prompt-demo", "prom
 TRAINED = ("finetune", "prompt", "prompt-demo", "prompt-demo-similar")
 DEMO_MODES = {"prompt-demo": "random", "prompt-demo-similar": "similar"}
 CACHE_VERSION = 1
+# The demonstration format of every cell cached before the format was a setting (cells in it keep their keys).
+LMBFF_DEMO_FORMAT = {"order": "class", "separator": " ", "per_class": 1, "label_after": True}
 
 
 @dataclass
@@ -76,6 +81,10 @@ class ExperimentConfig(_JsonConfig):
     filter_rate: float = 0.5
     demo_encoder: str | None = None
     eval_batch_size: int = 16
+    demo_order: str = "class"
+    demo_separator: str = " "
+    demo_per_class: int = 1
+    demo_label_after: bool = True
 
     def __post_init__(self) -> None:
         self.tasks = [get_task(t).name for t in _as_list(self.tasks, "tasks")]
@@ -103,6 +112,15 @@ class ExperimentConfig(_JsonConfig):
             raise ValueError(f"max_test must be a positive number of test examples, got {self.max_test}")
         if not 0.0 < self.filter_rate <= 1.0:
             raise ValueError(f"filter_rate must be in (0, 1], got {self.filter_rate}")
+        try:
+            DemoConfig(**self.demo_format())
+        except ValueError as exc:  # DemoConfig names its own field first ("order must ..."): name ours
+            raise ValueError(f"demo_{exc}") from None
+
+    def demo_format(self) -> dict[str, Any]:
+        """The DemoConfig format fields (order, separator, per_class, label_after) of the demonstration methods."""
+        return {"order": self.demo_order, "separator": self.demo_separator, "per_class": self.demo_per_class,
+                "label_after": self.demo_label_after}
 
     def grid(self, method: str) -> list[tuple[float, int]]:
         """The (learning rate, batch size) settings tried for a method; one dummy point if it does not train."""
@@ -167,6 +185,8 @@ def cell_settings(config: ExperimentConfig, cell: Cell) -> dict[str, Any]:
     if demo:
         settings.update(demo_mode=DEMO_MODES[cell.method], demo_eval_mode=demo_eval_mode(config, cell.method), num_sample=config.num_sample,
                         filter_rate=config.filter_rate, demo_encoder=config.demo_encoder)
+        if config.demo_format() != LMBFF_DEMO_FORMAT:
+            settings["demo_format"] = config.demo_format()
     return settings
 
 
@@ -212,7 +232,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
     """
     import time
 
-    from fsserve.config import DemoConfig, TrainingArguments
+    from fsserve.config import TrainingArguments
     from fsserve.modeling import PromptModel
     from fsserve.training import Trainer, set_seed
 
@@ -241,7 +261,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         mode, eval_mode = DEMO_MODES[cell.method], demo_eval_mode(config, cell.method)
         index = DemoIndex(train, labels=None if task.is_regression else list(task.labels), task=task, encoder=config.demo_encoder)
         model.attach_demos(index, DemoConfig(train_mode=mode, eval_mode=eval_mode, num_sample=config.num_sample,
-                                             filter_rate=config.filter_rate, encoder=config.demo_encoder))
+                                             filter_rate=config.filter_rate, encoder=config.demo_encoder, **config.demo_format()))
     record: dict[str, Any] = {"metric": task.metric, "n_test": len(test), "test_sample": sample.record(), "dev": None, "best_step": None}
     if cell.method in TRAINED:
         args = TrainingArguments(method="finetune" if cell.method == "finetune" else "prompt", learning_rate=cell.learning_rate,
