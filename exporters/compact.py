@@ -51,13 +51,22 @@ def _embedding_gather(graph: Any, floats: dict[str, Any]) -> tuple[Any, Any] | N
     return best
 
 
-def _quantize_embedding(graph: Any, node: Any, init: Any) -> list[Any]:
-    """Replace ``Gather(table, ids)`` by Gather of int8 rows and of per-row scales, Cast and Mul; return the new initializers."""
+def _quantize_embedding(graph: Any, node: Any, init: Any, block: int | None = None) -> list[Any]:
+    """Replace ``Gather(table, ids)`` by Gather of int8 rows and of their scales, Cast and Mul; return the new initializers.
+
+    ``block``: one scale per ``block`` consecutive values of a row instead of one per row (finer, for
+    sensitive models; the table's width must be a multiple of it).
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.to_array(init).astype(np.float32)
-    scale = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127.0
-    rows = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    vocab, width = table.shape
+    group = block or width
+    if width % group:
+        raise ValueError(f"embedding width {width} is not a multiple of the block size {group}")
+    blocks = table.reshape(vocab, width // group, group)
+    scale = np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127.0  # (vocab, groups)
+    rows = np.clip(np.round(blocks / scale[:, :, None]), -127, 127).astype(np.int8).reshape(vocab, width)
     base = init.name
     out = node.output[0]
     ids = node.input[1]
@@ -65,18 +74,26 @@ def _quantize_embedding(graph: Any, node: Any, init: Any) -> list[Any]:
         helper.make_node("Gather", [f"{base}.q8", ids], [f"{out}.q8"], name=f"{node.name}.q8", axis=0),
         helper.make_node("Cast", [f"{out}.q8"], [f"{out}.f32"], name=f"{node.name}.widen", to=TensorProto.FLOAT),
         helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.scale"], name=f"{node.name}.scale", axis=0),
-        helper.make_node("Unsqueeze", [f"{out}.scale", f"{base}.last_axis"], [f"{out}.scale2"], name=f"{node.name}.unsqueeze"),
-        helper.make_node("Mul", [f"{out}.f32", f"{out}.scale2"], [out], name=f"{node.name}.rescale"),
     ]
+    extra = []
+    if group == width:
+        scale = scale[:, 0]
+        extra = [numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{base}.last_axis")]
+        new_nodes.append(helper.make_node("Unsqueeze", [f"{out}.scale", f"{base}.last_axis"], [f"{out}.scale2"], name=f"{node.name}.unsqueeze"))
+    else:  # (..., groups) @ (groups, width) of ones per block -> a scale per value, whatever the ids' rank
+        spread = np.kron(np.eye(width // group, dtype=np.float32), np.ones((1, group), np.float32))
+        extra = [numpy_helper.from_array(spread, f"{base}.spread")]
+        new_nodes.append(helper.make_node("MatMul", [f"{out}.scale", f"{base}.spread"], [f"{out}.scale2"], name=f"{node.name}.spread"))
+    new_nodes.append(helper.make_node("Mul", [f"{out}.f32", f"{out}.scale2"], [out], name=f"{node.name}.rescale"))
     position = list(graph.node).index(node)
     graph.node.remove(node)
     for offset, new in enumerate(new_nodes):
         graph.node.insert(position + offset, new)
-    return [numpy_helper.from_array(rows, f"{base}.q8"), numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{base}.last_axis")]
+    return [numpy_helper.from_array(rows, f"{base}.q8"), numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale")] + extra
 
 
-def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16", embedding_bits: int | None = None) -> dict[str, Any]:
+def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16", embedding_bits: int | None = None,
+                    embedding_block: int | None = None) -> dict[str, Any]:
     """Write ``source`` to ``target`` with compact weight storage; return what was stored how (for the manifest)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -96,10 +113,10 @@ def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16
             logger.warning("no input-embedding Gather with a table of its own in %s: the embedding is stored like the other weights", source)
         else:
             node, init = found
-            added += _quantize_embedding(graph, node, init)
+            added += _quantize_embedding(graph, node, init, embedding_block)
             graph.initializer.remove(init)
             del floats[init.name]
-            record["embedding"] = {"name": init.name, "rows": int(init.dims[0]), "bits": 8}
+            record["embedding"] = {"name": init.name, "rows": int(init.dims[0]), "bits": 8, "block": embedding_block}
     casts = []
     if storage == "fp16":
         for name, init in list(floats.items()):

@@ -62,13 +62,33 @@ def test_fp16_storage_computes_fp32_on_weights_rounded_once(tmp_path: Path) -> N
 def test_int8_embedding_rows_scale_per_row(tmp_path: Path) -> None:
     table, weight = _toy_graph(tmp_path / "full.onnx")
     record = compact_weights(tmp_path / "full.onnx", tmp_path / "q8.onnx", "fp16", embedding_bits=8)
-    assert record["embedding"] == {"name": "E", "rows": 50, "bits": 8}
+    assert record["embedding"] == {"name": "E", "rows": 50, "bits": 8, "block": None}
     scale = np.abs(table).max(axis=1) / 127
     rows = np.round(table / scale[:, None]).astype(np.int8).astype(np.float32) * scale[:, None]
     ids = np.array([3, 0, 49])
     np.testing.assert_allclose(_run(tmp_path / "q8.onnx", ids), rows[ids] @ weight.astype(np.float16).astype(np.float32), rtol=1e-4, atol=1e-4)
     stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "q8.onnx")).graph.initializer}
     assert stored["E.q8"] == TensorProto.INT8 and stored["E.scale"] == TensorProto.FLOAT and "E" not in stored
+
+
+def test_int8_embedding_with_a_scale_per_block_is_finer_than_per_row(tmp_path: Path) -> None:
+    table, weight = _toy_graph(tmp_path / "full.onnx")
+    table[:, 3] *= 40  # an outlier column: one scale per row leaves the other values few levels
+    onnx_model = onnx.load(str(tmp_path / "full.onnx"))
+    onnx_model.graph.initializer[0].CopyFrom(numpy_helper.from_array(table, "E"))
+    onnx.save(onnx_model, str(tmp_path / "full.onnx"))
+    record = compact_weights(tmp_path / "full.onnx", tmp_path / "b8.onnx", "fp32", embedding_bits=8, embedding_block=8)
+    compact_weights(tmp_path / "full.onnx", tmp_path / "r8.onnx", "fp32", embedding_bits=8)
+    assert record["embedding"]["block"] == 8
+    blocks = table.reshape(50, 5, 8)
+    scale = np.abs(blocks).max(axis=2, keepdims=True) / 127
+    rows = (np.round(blocks / scale) * scale).reshape(50, 40)
+    ids = np.array([3, 0, 49, 3])
+    np.testing.assert_allclose(_run(tmp_path / "b8.onnx", ids), rows[ids] @ weight, rtol=1e-4, atol=1e-3)
+    exact = table[ids] @ weight
+    assert np.abs(_run(tmp_path / "b8.onnx", ids) - exact).max() < 0.5 * np.abs(_run(tmp_path / "r8.onnx", ids) - exact).max()
+    with pytest.raises(ValueError, match="not a multiple of the block size 7"):
+        compact_weights(tmp_path / "full.onnx", tmp_path / "x.onnx", "fp32", embedding_bits=8, embedding_block=7)
 
 
 def test_a_table_other_ops_read_is_not_cut_to_8_bits(tmp_path: Path) -> None:

@@ -180,6 +180,13 @@ def ensure_graphs(subject: Subject, need_int8: bool, int8_mode: str = "dynamic",
               f"{''.join('-only-' + re.sub(r'[^A-Za-z0-9_]', '_', n) for n in only_nodes)}")
     wanted = {"mode": int8_mode, "per_channel": per_channel, "excluded": list(exclude_op_types)} | ({"only_nodes": list(only_nodes)} if only_nodes else {})
     bundled = subject.notes.get("bundle", {})
+    if int8_mode == "per-token":
+        # Per-token int8 is calibrated on the task's training texts, which only `fsserve export` is given.
+        if need_int8 and (bundled.get("quantization") or {}).get("mode") != "per-token":
+            raise ValueError("--int8-mode per-token benches the int8 graph of a bundle exported with it: run `fsserve export MODEL BUNDLE "
+                             "--quantize int8 --calibration-file TRAIN --with-torch` and bench that bundle")
+        subject.notes["int8_recipe"] = bundled["quantization"] if need_int8 else {"mode": "per-token"}
+        return subject.graphs
     same_recipe = bundled.get("quantization") in (None, wanted)
     if need_int8 and ("int8" not in subject.graphs or not same_recipe):
         int8 = cache / f"int8-{recipe}.onnx"

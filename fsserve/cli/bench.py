@@ -47,7 +47,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--texts", help="CSV/JSONL file of sentences to build inputs from (default: SST-2 dev from the shared data)")
     p.add_argument("--agreement", metavar="TASK_OR_FILE", help="also measure int8-vs-fp32 label agreement on this task's full dev set or file")
     p.add_argument("--agreement-max", type=int, help="a seeded sample of this many agreement examples, each class in its share (not the first N)")
-    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only"], help="how the int8 graph is made when the bundle has none")
+    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight-only", "per-token"],
+                   help="how the int8 graph is made when the bundle has none; per-token: use the bundle's own (calibrated at export)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-exclude", type=comma_list(str, "names"), default=(), help="op types left in fp32, e.g. Gather")
     p.add_argument("--int8-nodes", type=comma_list(str, "names"), default=(), help="quantise only the MatMuls whose name contains one of these, e.g. down_proj")

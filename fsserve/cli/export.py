@@ -30,9 +30,16 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", help="a folder written by `fsserve train` / PromptModel.save_pretrained")
     p.add_argument("out_dir", help="the bundle folder to write (replaced atomically if it exists)")
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation, for CPU serving")
-    p.add_argument("--int8-mode", default="auto", choices=["auto", "dynamic", "weight-only"], help="auto = dynamic (int8 arithmetic: the fast one); weight-only keeps float activations "
-                   "(slower on CPU, pair it with --int8-nodes for fidelity)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 quantisation, for CPU serving (recipe: --int8-mode)")
+    p.add_argument("--int8-mode", default="auto", choices=["auto", "per-token", "dynamic", "weight-only"],
+                   help="auto = per-token (int8 arithmetic with a scale per token, GPTQ weights, outlier channels in float: "
+                   "fast and faithful, calibrated on --calibration-file); dynamic = one activation scale per batch (faster, "
+                   "less faithful); weight-only keeps float activations (slower on CPU, pair it with --int8-nodes)")
+    p.add_argument("--calibration-file", help="int8 per-token: .csv/.jsonl/.txt of the task's training texts (labels unused; never dev "
+                   "or test) that calibrate the graph; a quarter is held out to measure agreement unless --validation-file is given")
+    p.add_argument("--int8-centred", action="store_true", help="int8 per-token: centre each token's row on its range before "
+                   "quantising (finer levels for lopsided rows, a few more nodes)")
+    p.add_argument("--int8-outliers", type=int, default=None, help="int8 per-token: input channels per MatMul kept in float (default 32)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-nodes", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
                    help="int8: quantise only the MatMuls whose name contains one of these (comma-separated, e.g. down_proj)")
@@ -44,6 +51,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["fp32", "fp16"], default=None,
                    help="how the graph's float weights are stored: fp16 halves the bundle (widened to fp32 at load; agreement measured)")
     p.add_argument("--embedding-bits", type=int, choices=[8], help="store the input embedding as int8 rows with a scale per row")
+    p.add_argument("--embedding-block", type=int, help="with --embedding-bits 8: a scale per this many values of a row (e.g. 32; "
+                   "per-token int8 uses 32 by default)")
     p.add_argument("--atol", type=float, help="fp32 validation bound against torch, relative to max(1, |logit|) (default 1e-4)")
     p.add_argument("--validation-file", help="CSV/JSONL of texts on which int8/fp16 agreement with fp32 is measured")
     p.add_argument("--triton-repository", metavar="DIR", help="also write a Triton Inference Server model repository here")
@@ -72,22 +81,21 @@ def run_export(args: argparse.Namespace) -> int:
         "int8_nodes": args.int8_nodes,
         "torch_weights": bool(args.with_torch),
         "embedding_bits": args.embedding_bits,
+        "embedding_block": args.embedding_block,
     }
-    if args.weights:
-        kwargs["weight_storage"] = args.weights
-    if args.no_optimize:
-        kwargs["optimize"] = False
-    if args.atol is not None:
-        kwargs["atol"] = args.atol
-    if args.validation_file:
-        from fsserve.data import load_examples
+    optional = {"int8_centred": args.int8_centred or None, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
+                "optimize": False if args.no_optimize else None, "atol": args.atol}
+    kwargs |= {key: value for key, value in optional.items() if value is not None}
+    for key, path in (("calibration_texts", args.calibration_file), ("validation_texts", args.validation_file)):
+        if path:
+            from fsserve.data import load_examples
 
-        kwargs["validation_texts"] = load_examples(args.validation_file)
+            kwargs[key] = load_examples(path)
     start = time.perf_counter()
     model = PromptModel.from_pretrained(model_dir)
     bundle = model.export(args.out_dir, format=args.format, **kwargs)
     manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
-    summary = {key: manifest.get(key) for key in ("precision", "weights", "validation", "agreement_with_fp32", "optimization")}
+    summary = {key: manifest.get(key) for key in ("precision", "quantization", "weights", "validation", "agreement_with_fp32", "optimization")}
     size = sum(f.stat().st_size for f in Path(bundle).rglob("*") if f.is_file())
     print(f"wrote bundle {bundle} ({size / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f}s")
     print(json.dumps(summary, indent=2))
@@ -95,7 +103,8 @@ def run_export(args: argparse.Namespace) -> int:
     if agreement is not None and agreement < AGREEMENT_FLOOR:
         print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
               f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
-              "export without --quantize (or with --int8-nodes down_proj --int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
+              "give --calibration-file (the task's training texts) to the per-token recipe, raise --int8-outliers, or trade speed for "
+              "agreement: export without --quantize (or with --int8-nodes down_proj --int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
         from fsserve.exporters.triton_repository import export_triton_repository
         from fsserve.exporters.triton_text import export_triton_text_repository
