@@ -113,6 +113,11 @@ def export_triton_text_repository(bundle: str | Path, directory: str | Path, mod
     if config.get("ensemble"):
         raise ValueError(f"{bundle} is a prompt-ensemble bundle: its graph takes one row per prompt per text, which Triton's batcher cannot "
                          "split; serve it with fsserve serve (or export a single prompt)")
+    demo_config = (config.get("demos") or {}).get("config") or {}
+    if demo_config.get("eval_mode", "top1") != "top1" and int(demo_config.get("num_sample", 1)) > 1:
+        raise ValueError(f"{bundle} averages {demo_config['num_sample']} draws of demonstrations per text ({demo_config['eval_mode']}): "
+                         "its preprocessing makes several graph rows per text, which this ensemble cannot average; serve it with "
+                         "fsserve serve, or train with --demo-eval top1")
     export_triton_repository(bundle, directory, model_name=f"{model_name}_onnx", version=version, max_batch_size=max_batch_size,
                              instance_count=instance_count, kind=kind, max_queue_delay_us=max_queue_delay_us)
     graph_inputs, graph_outputs = graph_signature(bundle / config["manifest"]["graph"])

@@ -324,21 +324,19 @@ class PromptModel(nn.Module):
 
     def _predict_logits_sampled(self, examples: Sequence[Any], batch_size: int) -> torch.Tensor:
         """LM-BFF's evaluation with demonstrations: average the label logits over ``num_sample`` draws."""
-        import numpy as np
-
         from fsserve.demos import query_text
+        from fsserve.demos.prompting import query_rngs
 
         cfg = self.demo_config
         vectors = None
         if cfg.eval_mode != "random" or cfg.order == "similar-last":
             vectors = self.demo_index.embed([query_text(ex) for ex in examples])
-        rng = np.random.default_rng(0)
         total = torch.zeros(len(examples), self.head_outputs)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        for _ in range(cfg.num_sample):
-            encoded = self.encode(examples, demo_mode=cfg.eval_mode, rng=rng, embeddings=vectors)
+        for draw in range(cfg.num_sample):  # per-query generators: a query's draws do not depend on its batch (as in the Predictor)
+            encoded = self.encode(examples, demo_mode=cfg.eval_mode, rng=query_rngs(examples, draw), embeddings=vectors)
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in self.collate(chunk).items()}

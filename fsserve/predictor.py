@@ -119,9 +119,12 @@ class Predictor:
             return EnsemblePredictor.from_model(model, device=device, batch_size=batch_size, **kwargs)
         backend = torch_backend(model, device, cuda_graphs, **kwargs)
         cfg = model.prompt_config
+        encode = model.encode
+        if model.method == "prompt" and model.demo_index is not None:  # the bundle's encoder: LM-BFF's averaged draws included
+            encode = demo_encoder(model.prompt, model.demo_index, model.demo_config)
         return cls(
             backend,
-            model.encode,
+            encode,
             model.labels,
             model.pad_token_id,
             cfg.regression_range,
@@ -155,7 +158,7 @@ class Predictor:
         rows, _ = self._rows(texts, texts_b)
         if not rows:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        encoded = self.encode(rows)
+        encoded = self.encode(rows)  # several draws of demonstrations per row come as len(rows) * draws encodings
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         out: np.ndarray | None = None
         for start in range(0, len(order), self.batch_size):
@@ -166,7 +169,7 @@ class Predictor:
                 out = np.empty((len(encoded), logits.shape[1]), dtype=np.float32)
             out[idx] = logits
         assert out is not None
-        return out
+        return out.reshape(len(encoded) // len(rows), len(rows), -1).mean(axis=0)
 
     def _probs(self, logits: np.ndarray) -> np.ndarray:
         """Probabilities from logits (a sigmoid pair for a one-output regression head)."""

@@ -61,11 +61,10 @@ def test_num_sample_averages_several_draws(tiny_lm, pool_index: DemoIndex) -> No
     model.attach_demos(pool_index, DemoConfig(eval_mode="random", num_sample=4))
     averaged = model.predict_logits(["a film"])
     draws = []
-    import numpy as np
+    from fsserve.demos.prompting import query_rngs
 
-    rng = np.random.default_rng(0)
-    for _ in range(4):
-        batch = model.collate(model.encode(["a film"], demo_mode="random", rng=rng))
+    for draw in range(4):
+        batch = model.collate(model.encode(["a film"], demo_mode="random", rng=query_rngs(["a film"], draw)))
         with torch.no_grad():
             draws.append(model(**batch))
     torch.testing.assert_close(averaged, torch.stack(draws).mean(0), atol=1e-5, rtol=0)
@@ -161,3 +160,29 @@ def test_a_bundle_serves_the_demo_format_it_was_trained_with(tiny_lm, pool_index
     assert [e.input_ids for e in encode(texts)] == [e.input_ids for e in model.encode(texts)]
     onnx = Predictor.from_pretrained(bundle, backend="onnx")
     np.testing.assert_allclose(onnx.label_logits(texts), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["similar", "random"])
+def test_sampled_evaluation_draws_per_query_and_the_bundle_averages_the_same_draws(tiny_lm, pool_index: DemoIndex, tmp_path: Path,
+                                                                                  mode: str) -> None:
+    """LM-BFF's averaged draws: a query's draws ignore its batch, and the served path averages exactly the torch model's draws."""
+    import numpy as np
+
+    model = _model(tiny_lm, "gemma")
+    model.attach_demos(pool_index, DemoConfig(eval_mode=mode, num_sample=4, filter_rate=1.0))
+    texts = ["a lovely film", "so dull", "a funny and warm movie"]
+    expected = model.predict_logits(texts)
+    torch.testing.assert_close(model.predict_logits(texts[1:2]), expected[1:2], atol=1e-5, rtol=0)  # alone = in a batch
+    from fsserve.demos.prompting import query_rngs
+
+    draws = [model.encode(texts, demo_mode=mode, rng=query_rngs(texts, d)) for d in range(4)]
+    assert any(len({tuple(d[i].input_ids) for d in draws}) > 1 for i in range(len(texts)))  # the draws really differ
+    np.testing.assert_allclose(Predictor.from_model(model).label_logits(texts), expected.numpy(), atol=1e-5)
+    bundle = model.export(tmp_path / "bundle")
+    onnx = Predictor.from_pretrained(bundle, backend="onnx")
+    np.testing.assert_allclose(onnx.label_logits(texts), expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx.label_logits(texts[::-1]), expected.numpy()[::-1], atol=1e-4)
+    from fsserve.exporters.triton_text import export_triton_text_repository
+
+    with pytest.raises(ValueError, match="averages 4 draws"):  # Triton's ensemble has one graph row per text
+        export_triton_text_repository(bundle, tmp_path / "triton")

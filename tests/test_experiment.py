@@ -171,9 +171,15 @@ def test_the_demo_format_enters_the_cache_key_only_when_it_is_not_lmbffs(tiny_lm
     config = _config(kshot, tmp_path, "tiny")
     default = cell_settings(config, demo)
     # The keys of every demo cell cached before the format was a setting: such cells keep their files.
-    assert set(default) == {"version", "task", "method", "seed", "model", "k", "data_sha256", "max_test", "max_length", "max_steps",
-                            "eval_steps", "learning_rate", "batch_size", "freeze_embeddings", "demo_mode", "demo_eval_mode",
-                            "num_sample", "filter_rate", "demo_encoder"}
+    # (Sampled evaluation adds "draws": per-query draws replaced one generator per call, so those cells are new.)
+    assert set(default) - {"draws"} == {"version", "task", "method", "seed", "model", "k", "data_sha256", "max_test", "max_length",
+                                        "max_steps", "eval_steps", "learning_rate", "batch_size", "freeze_embeddings", "demo_mode",
+                                        "demo_eval_mode", "num_sample", "filter_rate", "demo_encoder"}
+    assert ("draws" in default) == (default["demo_eval_mode"] != "top1")
+    top1 = cell_settings(_config(kshot, tmp_path, "tiny", num_sample=1), demo)
+    assert top1["demo_eval_mode"] == "top1" and "draws" not in top1
+    sampled = cell_settings(_config(kshot, tmp_path, "tiny", num_sample=4), demo)
+    assert sampled["draws"] == "per-query"
     explicit = _config(kshot, tmp_path, "tiny", demo_order="class", demo_separator=" ", demo_per_class=1, demo_label_after=True)
     assert cache_path(explicit, cell_settings(explicit, demo)) == cache_path(config, default)
     paths = {cache_path(config, default)}

@@ -112,6 +112,12 @@ def test_without_calibration_texts_it_rounds_to_nearest_and_says_so(gemma: tuple
     record = pt.quantize_per_token(fp32, tmp_path / "rtn.onnx", None)
     assert not record["gptq"] and record["outliers"] == 0 and "no calibration" in record["note"]
     assert not any(n.op_type == "Gather" and n.name.endswith("/Outliers") for n in onnx.load(str(tmp_path / "rtn.onnx")).graph.node)
+    centred = pt.quantize_per_token(fp32, tmp_path / "rtn-c.onnx", None, centred=True)  # the centre alone on the float side
+    assert centred["centred"] and not centred["gptq"]
+    for batch in ox.text_batches(model, TEXTS, 4):
+        ref = _run(fp32, batch)
+        for path in (tmp_path / "rtn.onnx", tmp_path / "rtn-c.onnx"):
+            assert 0 < np.abs(_run(path, batch) - ref).max() <= 0.05 * max(1.0, float(np.abs(ref).max()))
     with pytest.raises(ValueError, match="outliers"):
         pt.quantize_per_token(fp32, tmp_path / "x.onnx", None, outliers=-1)
 

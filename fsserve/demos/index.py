@@ -284,12 +284,12 @@ class DemoIndex:
         return [[self.examples[int(i)] for i in row] for row in np.asarray(selection)]
 
     def select(self, queries: Sequence[Query], mode: str = "top1", filter_rate: float = 0.5,
-               rng: np.random.Generator | int | None = None, exclude: Sequence[Any] | None = None,
+               rng: np.random.Generator | int | Sequence[np.random.Generator] | None = None, exclude: Sequence[Any] | None = None,
                embeddings: np.ndarray | None = None, per_class: int = 1) -> np.ndarray:
         """Pick ``per_class`` demonstrations per class for each query: a (queries × per_class·classes) array of pool ids.
 
         ``exclude`` has one entry per query: a pool id, a collection of ids, or None. Pool entries with the
-        query's own text are always excluded. ``embeddings`` (from :meth:`embed`) lets several draws for
+        query's own text are always excluded; ``rng`` may be a list, one generator per query. ``embeddings`` (from :meth:`embed`) lets several draws for
         the same queries (LM-BFF's ``num_sample``) share one encoder call; ``random`` never calls it.
         """
         texts = [query_text(q) for q in queries]
@@ -324,7 +324,10 @@ class DemoIndex:
             raise ValueError(f"filter_rate must be in (0, 1], got {filter_rate}")
         if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
             raise ValueError(f"per_class must be an integer of at least 1, got {per_class!r}")
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rngs = list(rng) if isinstance(rng, (list, tuple)) else None  # one generator per query: draws that ignore the batch
+        if rngs is not None and len(rngs) != len(keys):
+            raise ValueError(f"got {len(rngs)} random generators for {len(keys)} queries")
+        rng = rng if isinstance(rng, np.random.Generator) or rngs is not None else np.random.default_rng(rng)
         n, k = len(self.classes), int(per_class)
         out = np.empty((len(keys), n * k), dtype=np.int64)
         if not keys:
@@ -341,7 +344,8 @@ class DemoIndex:
             if mode == "random":
                 for q, o in enumerate(own):
                     candidates = np.setdiff1d(members, o, assume_unique=True) if len(o) else members
-                    out[q, columns] = rng.choice(candidates) if k == 1 else rng.choice(candidates, size=k, replace=False)
+                    gen = rngs[q] if rngs is not None else rng
+                    out[q, columns] = gen.choice(candidates) if k == 1 else gen.choice(candidates, size=k, replace=False)
                 continue
             want = [k if mode == "top1" else min(a, max(k, int(a * filter_rate))) for a in avail]
             depth = min(len(members), max(w + len(o) for w, o in zip(want, own)))
@@ -358,7 +362,8 @@ class DemoIndex:
                 if mode == "top1":
                     out[q, columns] = row[:k]
                 else:
-                    out[q, columns] = rng.choice(row) if k == 1 else rng.choice(row, size=k, replace=False)
+                    gen = rngs[q] if rngs is not None else rng
+                    out[q, columns] = gen.choice(row) if k == 1 else gen.choice(row, size=k, replace=False)
         return out
 
     def _search(self, j: int, vectors: np.ndarray, k: int) -> np.ndarray:

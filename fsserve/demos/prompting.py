@@ -94,11 +94,15 @@ def demo_segment(template: Template, class_index: int, slot_offset: int, label_a
     return tuple(parts)
 
 
+def text_seed(query: Any) -> int:
+    """A 64-bit seed from the query's text (whitespace folded): what seeds every per-query random choice."""
+    key = " ".join(query_text(query).split())
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
 def shuffled_order(query: Any, size: int) -> list[int]:
     """The ``shuffle`` order of ``size`` demonstrations: a permutation seeded by the query's text alone."""
-    key = " ".join(query_text(query).split())
-    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
-    return np.random.default_rng(seed).permutation(size).tolist()
+    return np.random.default_rng(text_seed(query)).permutation(size).tolist()
 
 
 class DemoPrompt:
@@ -223,11 +227,27 @@ def encode_with_demos(prompt: Prompt, queries: Sequence[Any], demos: Sequence[Se
     return DemoPrompt(prompt).encode(queries, demos)
 
 
+def query_rngs(queries: Sequence[Any], draw: int, seed: int = 0) -> list[np.random.Generator]:
+    """One generator per query for evaluation draw ``draw``, seeded by the query's text: the same picks alone or in any batch."""
+    return [np.random.default_rng([seed, draw, text_seed(query)]) for query in queries]
+
+
 def demo_encoder(prompt: Prompt, index: Any, config: DemoConfig) -> Any:
-    """An ``encode(rows)`` for the Predictor that picks demonstrations on the fly (one encoder pass per call)."""
+    """An ``encode(rows)`` for the Predictor that picks demonstrations on the fly (one encoder pass per call).
+
+    With sampled evaluation (``eval_mode`` random or similar) it returns ``num_sample`` encodings per
+    row, draw by draw (draw d's rows, then d+1's), drawn as :meth:`PromptModel.predict_logits` draws
+    them (:func:`query_rngs`); the Predictor averages their logits, as LM-BFF's evaluation does.
+    """
     dp = DemoPrompt.from_config(prompt, config)
 
     def encode(rows: Sequence[Any]) -> list[Encoded]:
-        return dp.encode_selected(index, rows, config.eval_mode, config.filter_rate)
+        if config.eval_mode == "top1":
+            return dp.encode_selected(index, rows, config.eval_mode, config.filter_rate)
+        vectors = index.embed([query_text(q) for q in rows]) if rows and (config.eval_mode != "random" or config.order == "similar-last") else None
+        out: list[Encoded] = []
+        for draw in range(config.num_sample):
+            out += dp.encode_selected(index, rows, config.eval_mode, config.filter_rate, rng=query_rngs(rows, draw), embeddings=vectors)
+        return out
 
     return encode

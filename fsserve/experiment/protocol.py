@@ -187,6 +187,10 @@ def cell_settings(config: ExperimentConfig, cell: Cell) -> dict[str, Any]:
                         filter_rate=config.filter_rate, demo_encoder=config.demo_encoder)
         if config.demo_format() != LMBFF_DEMO_FORMAT:
             settings["demo_format"] = config.demo_format()
+        if settings["demo_eval_mode"] != "top1":
+            # Sampled evaluation draws per query (seeded by its text, as the Predictor does) since 2026-12-03;
+            # cells cached before drew from one generator per call: this key keeps them apart.
+            settings["draws"] = "per-query"
     return settings
 
 
