@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 18 study: when do LM-BFF's demonstrations help the embedded Gemma 3 270M?
+# Phase 1 chooses settings one factor at a time on SST-2 and trec, on DEV scores only (each cell keeps
+# its best-on-dev checkpoint; test is scored on a 100-example stratified sample that no choice reads).
+# Phase 2 scores the chosen setting and plain prompt FT on SST-2, sst-5, trec and RTE, 3 seeds, on
+# >= 500-example stratified test samples. Every cell is cached under studies/demos/<level>/cells and
+# committed, so the study resumes where it stopped (no finished cell is recomputed).
+#   studies/demos/run.sh phase1 [LEVEL...]   # default: every level, in the order below
+#   studies/demos/run.sh phase2 LEVEL        # the chosen level, on the four tasks
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+FS="${FSSERVE:-.venv/bin/fsserve}"
+SEEDS=13,21,42
+BASE=(--max-steps 100 --eval-steps 25 --lr 1e-5 --batch-size 8 --freeze-embeddings --num-sample 4 --filter-rate 0.5 --demo-max-length 256)
+
+# level name -> the options that differ from BASE (one factor at a time)
+declare -A LEVELS=(
+  [base]=""
+  [steps20]="--max-steps 20 --eval-steps 5"
+  [steps300]="--max-steps 300 --eval-steps 75"
+  [draws1]="--num-sample 1"
+  [draws16]="--num-sample 16"
+  [filter1]="--filter-rate 1.0"
+  [lr2e-5]="--lr 2e-5"
+  [lr5e-5]="--lr 5e-5"
+  [order-shuffle]="--demo-order shuffle"
+  [order-similar-last]="--demo-order similar-last"
+  [sep-newline]="--demo-separator \\n"
+  [two-per-class]="--demos-per-class 2 --demo-max-length 384"
+  [no-label]="--no-demo-label-after"
+  [len512]="--demo-max-length 512"
+)
+ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline two-per-class no-label order-shuffle filter1 lr2e-5 lr5e-5 len512)
+
+run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test
+  local extra; read -r -a extra <<<"${LEVELS[$2]}"
+  "$FS" experiment --tasks "$1" --methods "$3" --seeds "$SEEDS" --max-test "$4" "${BASE[@]}" "${extra[@]}" --out "studies/demos/$2"
+}
+
+case "${1:-phase1}" in
+  phase1)
+    shift || true
+    if [ $# -gt 0 ]; then levels=("$@"); else levels=("${ORDER[@]}"); fi
+    for level in "${levels[@]}"; do
+      methods=prompt-demo-similar
+      [ "$level" = base ] && methods=prompt,prompt-demo-similar  # prompt FT at the same budget, for reference
+      run_level SST-2,trec "$level" "$methods" 100
+    done ;;
+  phase2)
+    run_level SST-2,sst-5,trec,RTE "$2" prompt,prompt-demo-similar,finetune 500 ;;
+  *) echo "usage: $0 phase1 [LEVEL...] | phase2 LEVEL" >&2; exit 2 ;;
+esac
