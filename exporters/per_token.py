@@ -243,7 +243,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
     calibrated = bool(calibration_batches)
     stats = calibrate(source, calibration_batches, list(groups), hessians=gptq) if calibrated else {}
     inits = {i.name: i for i in model.graph.initializer}
-    replaced: dict[str, tuple[list[Any], list[Any]]] = {}
+    replaced: dict[str, list[Any]] = {}  # first MatMul's output -> the nodes of its input's block
     new_inits = [_const("pertoken/zp", np.array(128, np.uint8)), _const("pertoken/one", np.array(1.0, np.float32)),
                  _const("pertoken/inv254", np.array([1 / 254.0], np.float32)),
                  _const("pertoken/inv127", np.array([1 / 127.0], np.float32)), _const("pertoken/minus128", np.array([-128.0], np.float32)),
@@ -276,7 +276,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
             part_nodes, part_inits = _quantized_matmul(f"p{index}/m{j}", node.output[0], wj, q[:, cols], scale[cols], point, keep, centred)
             mm_nodes += part_nodes
             new_inits += part_inits
-        replaced[nodes[0].output[0]] = (point_nodes + mm_nodes, [])
+        replaced[nodes[0].output[0]] = point_nodes + mm_nodes
         for node in nodes:
             dropped.add(node.input[1])
         matmuls += len(nodes)
@@ -284,7 +284,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
     out_nodes = []
     for node in model.graph.node:  # the group's block goes where its first MatMul was; the others disappear
         if node.op_type == "MatMul" and node.output[0] in gone:
-            out_nodes += replaced.get(node.output[0], ([], []))[0]
+            out_nodes += replaced.get(node.output[0], [])
         else:
             out_nodes.append(node)
     del model.graph.node[:]

@@ -306,12 +306,21 @@ class PromptModel(nn.Module):
     # -- convenience prediction -----------------------------------------------------------
     @torch.no_grad()
     def predict_logits(self, examples: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-        """Label logits for many examples, batched by length to waste little padding."""
-        if self.demo_index is not None and self.demo_config.eval_mode != "top1":  # seeded draws, averaged
-            return self._predict_logits_sampled(examples, batch_size)
+        """Label logits for many examples, batched by length to waste little padding.
+
+        With sampled demonstrations (LM-BFF's evaluation) each example is encoded ``num_sample`` times,
+        by the Predictor's own encoder (per-query seeded draws), and its draws' logits are averaged.
+        """
+        if not examples:
+            return torch.empty(0, self.head_outputs)
         was_training = self.training
         self.eval()
-        encoded = self.encode(examples)
+        if self.method == "prompt" and self.demo_index is not None and self.demo_config.eval_mode != "top1":
+            from fsserve.demos.prompting import demo_encoder
+
+            encoded = demo_encoder(self.prompt, self.demo_index, self.demo_config)(examples)  # draw by draw
+        else:
+            encoded = self.encode(examples)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         out = torch.empty(len(encoded), self.head_outputs)
         device = next(self.parameters()).device
@@ -320,30 +329,7 @@ class PromptModel(nn.Module):
             batch = {k: v.to(device) for k, v in self.collate([encoded[i] for i in idx]).items()}
             out[idx] = self(**batch).float().cpu()
         self.train(was_training)
-        return out
-
-    def _predict_logits_sampled(self, examples: Sequence[Any], batch_size: int) -> torch.Tensor:
-        """LM-BFF's evaluation with demonstrations: average the label logits over ``num_sample`` draws."""
-        from fsserve.demos import query_text
-        from fsserve.demos.prompting import query_rngs
-
-        cfg = self.demo_config
-        vectors = None
-        if cfg.eval_mode != "random" or cfg.order == "similar-last":
-            vectors = self.demo_index.embed([query_text(ex) for ex in examples])
-        total = torch.zeros(len(examples), self.head_outputs)
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        for draw in range(cfg.num_sample):  # per-query generators: a query's draws do not depend on its batch (as in the Predictor)
-            encoded = self.encode(examples, demo_mode=cfg.eval_mode, rng=query_rngs(examples, draw), embeddings=vectors)
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
-                with torch.no_grad():
-                    total[start : start + len(chunk)] += self(**batch).float().cpu()
-        self.train(was_training)
-        return total / cfg.num_sample
+        return out.reshape(len(encoded) // len(examples), len(examples), -1).mean(dim=0)
 
     @property
     def head_outputs(self) -> int:
