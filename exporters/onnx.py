@@ -178,19 +178,23 @@ def validate_graph(model: Any, path: str | Path, atol: float = FP32_ATOL, batch_
 
 
 def optimize_graph(path: str | Path, model: Any) -> dict[str, Any]:
-    """Apply onnxruntime's transformer fusions in place where the model family has them; report which."""
+    """Apply onnxruntime's transformer fusions where the family has them, then fold shapes (and fuse GELU); report which."""
+    from fsserve.exporters.passes import apply_passes
+
     family = FUSION_MODEL_TYPES.get(model.lm.config.model_type)
     if family is None:
-        return {"fusions": None, "note": f"no offline fusions for {model.lm.config.model_type}; onnxruntime fuses at session start"}
-    from onnxruntime.transformers.optimizer import optimize_model
+        report: dict[str, Any] = {"fusions": None, "note": f"no offline attention fusions for {model.lm.config.model_type}; onnxruntime fuses at session start"}
+    else:
+        from onnxruntime.transformers.optimizer import optimize_model
 
-    cfg = model.lm.config
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    optimized = optimize_model(str(path), model_type=family, num_heads=int(heads), hidden_size=int(hidden))
-    stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
-    optimized.save_model_to_file(str(path))
-    return {"fusions": stats, "model_type": family}
+        cfg = model.lm.config
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+        optimized = optimize_model(str(path), model_type=family, num_heads=int(heads), hidden_size=int(hidden))
+        stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+        optimized.save_model_to_file(str(path))
+        report = {"fusions": stats, "model_type": family}
+    return report | apply_passes(path, gelu=family is None)  # the offline optimizer fuses GELU itself
 
 
 def default_int8_mode(model: Any) -> str:

@@ -7,12 +7,13 @@ tokens a handful of levels, and a fine-tuned few-shot model changes ~7% of its S
 This module rewrites the float graph instead:
 
 - **activations per token**: each row of a MatMul's input gets its own scale (``max |x| / 127``,
-  uint8 with zero point 128) through ``QuantizeLinear`` on the per-row axis; the int32 product is
-  rescaled by ``MatMulIntegerToFloat`` (weight scales) and one ``Mul`` (row scales). ``centred=True``
-  centres each row on the middle of its range first (scale ``(max - min) / 254``) and adds the centre
-  times the weight's column sums back in float, since onnxruntime's integer MatMuls take no per-row
-  zero point: finer levels for lopsided rows, at a few more nodes per input. Inputs shared by several
-  MatMuls (q/k/v, gate/up) are quantised once;
+  uint8 with zero point 128): the row is divided by its ``max |x|`` and one per-tensor
+  ``QuantizeLinear`` (scale 1/127) turns it into levels; the int32 product is rescaled by
+  ``MatMulIntegerToFloat`` (weight scales, with the 1/127 folded in) and one ``Mul`` (the row's
+  ``max |x|``). ``centred=True`` centres each row on the middle of its range first (scale
+  ``(max - min) / 254``) and adds the centre times the weight's column sums back in float, since
+  onnxruntime's integer MatMuls take no per-row zero point: finer levels for lopsided rows, at a few
+  more nodes per input. Inputs shared by several MatMuls (q/k/v, gate/up) are quantised once;
 - **outlier channels in float**: the ``outliers`` input channels with the largest calibrated
   magnitude stay out of the integer product (zeroed before quantisation) and go through a small
   float MatMul instead (LLM.int8()'s decomposition, with the channels fixed at export);
@@ -74,13 +75,15 @@ def calibrate(source: str | Path, batches: Sequence[dict[str, np.ndarray]], poin
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del model
     names = list(points)
+    inputs = {i.name for i in sess.get_inputs()}
     stats: dict[str, dict[str, Any]] = {}
     for batch in batches:
-        outs = sess.run(names, batch)
-        real = batch["attention_mask"].reshape(-1).astype(bool)
+        outs = sess.run(names, {k: v for k, v in batch.items() if k in inputs})
+        mask = batch.get("attention_mask")  # a graph without one: every row is real
+        real = mask.reshape(-1).astype(bool) if mask is not None else None
         for name, x in zip(names, outs):
             rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] == real.shape[0]:
+            if real is not None and rows.shape[0] == real.shape[0]:
                 rows = rows[real]
             rows = rows.astype(np.float64)
             entry = stats.setdefault(name, {"amax": np.zeros(rows.shape[1]), "tokens": 0})
@@ -140,18 +143,21 @@ def _const(name: str, value: np.ndarray) -> Any:
 def _quantize_point(x: str, tag: str, k: int, keep: np.ndarray | None, centred: bool) -> tuple[list[Any], list[Any], dict[str, str]]:
     """Nodes that turn input ``x`` (…, K) into uint8 rows with per-row scales (and its float side: outlier columns, centre).
 
-    Only ``QuantizeLinear`` sees a 2-D view (its per-axis scale needs one axis of rows); the integer
-    MatMuls take the quantised rows back in ``x``'s own shape, so their outputs need no reshaping.
-    Node count matters at batch 1, where onnxruntime spends microseconds per node.
+    Each row is divided by its own range first, so one per-tensor ``QuantizeLinear`` (scale 1/127 or
+    1/254, zero point 128) quantises every row on its own levels, in ``x``'s own shape: no reshapes,
+    and the row range itself is the factor ``_quantized_matmul`` multiplies back (its 1/127 or 1/254
+    is folded into the weight scales). Node count matters at batch 1, where onnxruntime spends
+    microseconds per node. An all-zero row has range 0: its quantised values are meaningless, but
+    its product is multiplied by that 0, so its result is exactly 0 as it should be.
     """
     from onnx import helper
 
     n = f"pertoken/{tag}/"
-    inits = [_const(n + "shape2d", np.array([-1, k], np.int64))]
-    nodes = [helper.make_node("Shape", [x], [n + "shape"], name=n + "Shape")]
+    inits: list[Any] = []
+    nodes: list[Any] = []
     rows = x
     out: dict[str, str] = {}
-    if keep is not None:  # zero the outlier channels in the integer path; they go through a float MatMul
+    if keep is not None:  # outlier channels: out of the row range (their int8 weights are zero) and through a float MatMul
         mask = np.ones(k, np.float32)
         mask[keep] = 0.0
         inits += [_const(n + "mask", mask), _const(n + "outliers", keep.astype(np.int64))]
@@ -168,32 +174,25 @@ def _quantize_point(x: str, tag: str, k: int, keep: np.ndarray | None, centred: 
             helper.make_node("ReduceMax", [rows], [n + "max"], axes=[-1], keepdims=1, name=n + "RowMax"),
             helper.make_node("ReduceMin", [rows], [n + "min"], axes=[-1], keepdims=1, name=n + "RowMin"),
             helper.make_node("Sub", [n + "max", n + "min"], [n + "range"], name=n + "Range"),
-            helper.make_node("Mul", [n + "range", "pertoken/inv254"], [n + "scale0"], name=n + "Scale"),
-            helper.make_node("Max", [n + "scale0", "pertoken/tiny"], [n + "scale"], name=n + "ScaleFloor"),
-            helper.make_node("Sub", [n + "min", n + "scale"], [n + "zero"], name=n + "Zero"),  # maps to level 0; min to 1
             helper.make_node("Add", [n + "max", n + "min"], [n + "sum"], name=n + "Sum"),
-            helper.make_node("Mul", [n + "sum", "pertoken/half"], [n + "centre"], name=n + "Centre"),  # maps to level 128
+            helper.make_node("Mul", [n + "sum", "pertoken/half"], [n + "centre"], name=n + "Centre"),
+            helper.make_node("Sub", [x, n + "centre"], [n + "shifted"], name=n + "Shift"),
+            helper.make_node("Div", [n + "shifted", n + "range"], [n + "unit"], name=n + "Unit"),  # [-1/2, 1/2] -> levels 1..255
+            helper.make_node("QuantizeLinear", [n + "unit", "pertoken/inv254", "pertoken/zp"], [n + "xq"], name=n + "Quantize"),
         ]
         if keep is not None:
             nodes.append(helper.make_node("Concat", [n + "xo", n + "centre"], [n + "float_in"], axis=-1, name=n + "FloatIn"))
         out["float_in"] = n + ("float_in" if keep is not None else "centre")
+        out["scale"] = n + "range"
     else:  # symmetric: |x| <= max |x| maps to levels 1..255 around 128
         nodes += [
             helper.make_node("Abs", [rows], [n + "abs"], name=n + "Abs"),
             helper.make_node("ReduceMax", [n + "abs"], [n + "amax"], axes=[-1], keepdims=1, name=n + "RowMax"),
-            helper.make_node("Mul", [n + "amax", "pertoken/inv127"], [n + "scale0"], name=n + "Scale"),
-            helper.make_node("Max", [n + "scale0", "pertoken/tiny"], [n + "scale"], name=n + "ScaleFloor"),
-            helper.make_node("Mul", [n + "scale", "pertoken/minus128"], [n + "zero"], name=n + "Zero"),
+            helper.make_node("Div", [x, n + "amax"], [n + "unit"], name=n + "Unit"),  # [-1, 1] (outlier channels saturate: unused)
+            helper.make_node("QuantizeLinear", [n + "unit", "pertoken/inv127", "pertoken/zp"], [n + "xq"], name=n + "Quantize"),
         ]
-    # QuantizeLinear without a zero point (uint8, 0): shift the rows so level 128 is the zero point the MatMul removes.
-    nodes += [
-        helper.make_node("Sub", [rows, n + "zero"], [n + "shifted"], name=n + "Shift"),
-        helper.make_node("Reshape", [n + "shifted", n + "shape2d"], [n + "x2"], name=n + "To2d"),
-        helper.make_node("Reshape", [n + "scale", "pertoken/minus1_i"], [n + "scale1d"], name=n + "Scale1d"),
-        helper.make_node("QuantizeLinear", [n + "x2", n + "scale1d"], [n + "xq2"], axis=0, name=n + "Quantize"),
-        helper.make_node("Reshape", [n + "xq2", n + "shape"], [n + "xq"], name=n + "Back"),
-    ]
-    out |= {"xq": n + "xq", "scale": n + "scale"}
+        out["scale"] = n + "amax"
+    out["xq"] = n + "xq"
     return nodes, inits, out
 
 
@@ -206,7 +205,8 @@ def _quantized_matmul(tag: str, output: str, w: np.ndarray, q: np.ndarray, scale
     if keep is not None:
         q = q.copy()
         q[keep] = 0
-    inits = [_const(n + "wq", q), _const(n + "wscale", scale.astype(np.float32))]
+    levels = 254.0 if centred else 127.0  # the row factor is the range (or max |x|), not the step: fold the step in here
+    inits = [_const(n + "wq", q), _const(n + "wscale", (scale / levels).astype(np.float32))]
     joined = output
     y = n + "y" if "float_in" in point else joined
     nodes = [
@@ -245,10 +245,8 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
     inits = {i.name: i for i in model.graph.initializer}
     replaced: dict[str, list[Any]] = {}  # first MatMul's output -> the nodes of its input's block
     new_inits = [_const("pertoken/zp", np.array(128, np.uint8)), _const("pertoken/one", np.array(1.0, np.float32)),
-                 _const("pertoken/inv254", np.array([1 / 254.0], np.float32)),
-                 _const("pertoken/inv127", np.array([1 / 127.0], np.float32)), _const("pertoken/minus128", np.array([-128.0], np.float32)),
-                 _const("pertoken/half", np.array([0.5], np.float32)), _const("pertoken/tiny", np.array([1e-12], np.float32)),
-                 _const("pertoken/minus1_i", np.array([-1], np.int64))]
+                 _const("pertoken/inv254", np.array(1 / 254.0, np.float32)),
+                 _const("pertoken/inv127", np.array(1 / 127.0, np.float32)), _const("pertoken/half", np.array([0.5], np.float32))]
     dropped: set[str] = set()
     matmuls = 0
     for index, (x, nodes) in enumerate(groups.items()):

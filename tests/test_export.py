@@ -156,8 +156,9 @@ def test_int8_only_nodes_quantises_just_the_named_projections(exported: Any, tmp
         model.export(tmp_path / "none", quantize="int8", int8_nodes=("no_such_projection",), torch_weights=False, optimize=False)
 
 
-def test_fp16_export_keeps_float32_io_and_agrees(exported: Any, tmp_path: Path) -> None:
-    model, fp32 = exported("bert")
+@pytest.mark.parametrize("arch", ["bert", "gemma"])  # gemma: its fused FastGelu must run in half precision too
+def test_fp16_export_keeps_float32_io_and_agrees(exported: Any, tmp_path: Path, arch: str) -> None:
+    model, fp32 = exported(arch)
     path = model.export(tmp_path / "fp16", fp16=True, validation_texts=TEXTS * 3, torch_weights=False)
     assert json.loads((path / "manifest.json").read_text())["precision"] == "fp16"
     assert_agreement_with_fp32(model, fp32, path, TEXTS * 3, minimum=0.95)

@@ -174,3 +174,25 @@ def test_onnxruntime_quantiser_options_pick_dynamic_under_auto_and_are_refused_b
     assert json.loads((path / "manifest.json").read_text())["quantization"]["mode"] == "dynamic"
     with pytest.raises(ValueError, match="per-token quantises every weight MatMul"):
         model.export(tmp_path / "pt", quantize="int8", int8_mode="per-token", per_channel=True)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_an_all_zero_row_gives_exactly_zero_and_other_rows_stay_close(tmp_path: Path, centred: bool) -> None:
+    """A row of zeros has range 0: its quantised values mean nothing, but its product must still be exactly 0 (no NaN)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "zero"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 48])],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "zero"), numpy_helper.from_array(w, "w")])
+    source, target = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    calibration = [{"x": rng.standard_normal((4, 8, 64)).astype(np.float32)} for _ in range(2)]
+    pt.quantize_per_token(source, target, calibration, outliers=OUTLIERS, centred=centred)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    x[1, 2] = 0.0
+    got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.isfinite(got).all() and (got[1, 2] == 0).all()
+    np.testing.assert_allclose(got, x @ w, atol=0.05 * np.abs(x @ w).max())

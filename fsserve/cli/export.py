@@ -45,7 +45,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="int8: quantise only the MatMuls whose name contains one of these (comma-separated, e.g. down_proj)")
     p.add_argument("--fp16", action="store_true", help="half-precision graph, for GPU serving")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt: a graph for the TensorRT provider")
-    p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline transformer fusions")
+    p.add_argument("--no-optimize", action="store_true", help="skip the offline graph optimisation (onnxruntime's transformer fusions, shape folding, GELU fusion)")
     p.add_argument("--with-torch", action="store_true", help="also store the torch model in the bundle (for --backend torch on it; doubles its size)")
     p.add_argument("--no-torch-weights", action="store_true", help=argparse.SUPPRESS)  # the default since the layout release; kept for old scripts
     p.add_argument("--weights", choices=["fp32", "fp16"], default=None,
