@@ -227,3 +227,22 @@ def test_cli_export_writes_bundle_and_triton_repository(tiny_lm: Any, tmp_path: 
     assert (tmp_path / "triton" / "fsserve" / "1" / "model.onnx").is_file()
     assert main(["export", str(tmp_path), str(tmp_path / "other")]) == 2
     assert "not a saved fsserve model" in capsys.readouterr().err
+
+
+def test_cli_export_warns_below_the_floor_and_names_only_the_flags_not_yet_given(tiny_lm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsserve.cli import export as cli_export
+    from fsserve.cli import main
+
+    monkeypatch.setattr(cli_export, "AGREEMENT_FLOOR", 1.01)  # any agreement is "below": the message is what is checked
+    model = _model(tiny_lm, "gemma")
+    model.save_pretrained(tmp_path / "model")
+    calibration = tmp_path / "train.txt"
+    calibration.write_text("\n".join(TEXTS * 4) + "\n", encoding="utf-8")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "plain"), "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "--calibration-file" in err and "--int8-centred" in err
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "tuned"), "--quantize", "int8", "--calibration-file", str(calibration),
+                 "--int8-centred"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "--calibration-file" not in err and "--int8-centred" not in err and "--int8-outliers" in err

@@ -104,6 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
               f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
               + ("" if getattr(args, "calibration_file", None) else "give --calibration-file (the task's training texts) to the per-token recipe, ")
+              + ("" if getattr(args, "int8_centred", False) else "add --int8-centred (sst-5: 96.2% -> 97.6%, ~8% slower), ")
               + "raise --int8-outliers, or trade speed for agreement: export without --quantize (or with --int8-nodes down_proj "
               "--int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
