@@ -36,6 +36,9 @@ CALIBRATION_SEED = 0
 # Per-token int8 stores the embedding in 8 bits with a scale per 32 values: on make demo's Gemma a scale
 # per row cost 0.46 points of SST-2 dev agreement, per 32 values nothing measurable (+19 MiB).
 PER_TOKEN_EMBEDDING_BLOCK = 32
+# int8_centred=None (auto): the symmetric per-token graph is kept when it gives fp32's label on at least this
+# share of the held-out calibration texts; below, the centred one is built too and the more faithful kept.
+CENTRED_FLOOR = 0.99
 
 # Strings the tokenizer adapter must encode exactly as the HF tokenizer does before a bundle is written.
 _PROBES = ("x", "A fine film.", " great", "It was terrible!", "naïve café, 3.5/10")
@@ -73,7 +76,7 @@ def write_bundle(
     embedding_bits: int | None = None,
     calibration_texts: Sequence[Any] | None = None,
     int8_outliers: int = DEFAULT_OUTLIERS,
-    int8_centred: bool = False,
+    int8_centred: bool | None = None,
     embedding_block: int | None = None,
 ) -> Path:
     """Export, validate and optimise the graph, then write the whole bundle atomically; return its path.
@@ -85,6 +88,8 @@ def write_bundle(
     ``embedding_block``: with ``embedding_bits=8``, one scale per this many values of a row (default: per row).
     ``calibration_texts`` (the task's training texts; labels unused) calibrate the per-token int8
     recipe; a held-out part of them measures its agreement when no ``validation_texts`` are given.
+    ``int8_centred=None`` chooses on that held-out part: the symmetric (faster) graph when it keeps
+    fp32's label on at least CENTRED_FLOOR of it, else the more faithful of symmetric and centred.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize {quantize!r}: the only option is 'int8'")
@@ -114,7 +119,7 @@ def write_bundle(
             if mode == "per-token":
                 calibration, held_out = split_calibration(calibration_texts or [])
                 batches = ox.text_batches(model, calibration, CALIBRATION_BATCH) if calibration else None
-                info["quantization"] = quantize_per_token(fp32, staged, batches, outliers=int8_outliers, centred=int8_centred)
+                info["quantization"] = _per_token(model, fp32, staged, batches, held_out, int8_outliers, int8_centred, work)
                 info["quantization"]["calibration_texts"] = len(calibration)
                 if embedding_bits is None:  # the embedding is 2/3 of the weights: 8 bits with a scale per 32 values
                     embedding_bits, embedding_block = 8, embedding_block or PER_TOKEN_EMBEDDING_BLOCK
@@ -158,6 +163,28 @@ def write_bundle(
         write_manifest(tmp, info)
     logger.info("wrote bundle %s (%s)", directory, info["precision"])
     return directory
+
+
+def _per_token(model: Any, fp32: Path, staged: Path, batches: Any, held_out: Sequence[Any], outliers: int, centred: bool | None,
+               work: Path) -> dict[str, Any]:
+    """Quantise per token; with ``centred=None`` build the centred variant too when the symmetric one falls below the floor."""
+    reuse: dict[str, Any] = {}
+    record = quantize_per_token(fp32, staged, batches, outliers=outliers, centred=bool(centred), reuse=reuse)
+    if centred is not None or not held_out or batches is None:
+        return record
+    checks = ox.text_batches(model, held_out)
+    symmetric = ox.agreement(fp32, staged, checks)["agreement"]
+    choice = {"on": f"{len(held_out)} held-out calibration texts", "floor": CENTRED_FLOOR, "symmetric": symmetric}
+    if symmetric < CENTRED_FLOOR:
+        other = work / "int8-centred.onnx"
+        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=True, reuse=reuse)
+        choice["centred"] = ox.agreement(fp32, other, checks)["agreement"]
+        if choice["centred"] > symmetric:
+            os.replace(other, staged)
+            record = other_record
+        logger.info("per-token int8: symmetric keeps %.1f%% of held-out labels, centred %.1f%%: kept %s", 100 * symmetric,
+                    100 * choice["centred"], "centred" if record["centred"] else "symmetric")
+    return record | {"centred_choice": choice}
 
 
 def split_calibration(texts: Sequence[Any], seed: int = CALIBRATION_SEED) -> tuple[list[Any], list[Any]]:

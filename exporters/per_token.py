@@ -225,11 +225,15 @@ def _quantized_matmul(tag: str, output: str, w: np.ndarray, q: np.ndarray, scale
 
 
 def quantize_per_token(source: str | Path, target: str | Path, calibration_batches: Sequence[dict[str, np.ndarray]] | None,
-                       outliers: int = DEFAULT_OUTLIERS, gptq: bool = True, centred: bool = False) -> dict[str, Any]:
+                       outliers: int = DEFAULT_OUTLIERS, gptq: bool = True, centred: bool = False,
+                       reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the per-token int8 graph of a float graph (see the module doc); return its recipe record.
 
     Without calibration batches the recipe falls back to round-to-nearest weights and no outlier
-    channels (both need the calibration inputs), and says so in the record.
+    channels (both need the calibration inputs), and says so in the record. ``reuse``: a dict kept
+    between calls on the same graph, batches and outliers; the calibration statistics and rounded
+    weights are stored there and reused (they do not depend on ``centred``), so a second variant
+    costs only its graph.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -241,7 +245,11 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
     if not groups:
         raise ValueError(f"{source} has no float MatMul weights to quantise")
     calibrated = bool(calibration_batches)
-    stats = calibrate(source, calibration_batches, list(groups), hessians=gptq) if calibrated else {}
+    reuse = {} if reuse is None else reuse
+    if "stats" not in reuse:
+        reuse["stats"] = calibrate(source, calibration_batches, list(groups), hessians=gptq) if calibrated else {}
+    stats = reuse["stats"]
+    rounded = reuse.setdefault("weights", {})
     inits = {i.name: i for i in model.graph.initializer}
     replaced: dict[str, list[Any]] = {}  # first MatMul's output -> the nodes of its input's block
     new_inits = [_const("pertoken/zp", np.array(128, np.uint8)), _const("pertoken/one", np.array(1.0, np.float32)),
@@ -257,7 +265,9 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
         new_inits += point_inits
         ws = [numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) for node in nodes]
         w = np.concatenate(ws, axis=1)
-        if gptq and st is not None:  # one Hessian per input: the side-by-side weights are rounded as one
+        if index in rounded:
+            q, scale = rounded[index]
+        elif gptq and st is not None:  # one Hessian per input: the side-by-side weights are rounded as one
             h = st["h"]
             if keep is not None:  # the outlier channels are not in the integer product
                 h = h.copy()
@@ -267,6 +277,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
         else:
             scale = weight_scales(w)
             q = round_int8(w, scale)
+        rounded[index] = (q, scale)
         mm_nodes, start = [], 0
         for j, (node, wj) in enumerate(zip(nodes, ws)):  # one product per MatMul: side by side and split was slower here
             cols = slice(start, start + wj.shape[1])

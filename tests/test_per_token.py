@@ -196,3 +196,42 @@ def test_an_all_zero_row_gives_exactly_zero_and_other_rows_stay_close(tmp_path: 
     got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.isfinite(got).all() and (got[1, 2] == 0).all()
     np.testing.assert_allclose(got, x @ w, atol=0.05 * np.abs(x @ w).max())
+
+
+@pytest.mark.parametrize("centred_better", [True, False])
+def test_auto_centring_builds_the_centred_graph_only_below_the_floor_and_keeps_the_more_faithful(
+        gemma: tuple[PromptModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, centred_better: bool) -> None:
+    from fsserve.exporters import bundle
+
+    model, _ = gemma
+    real_agreement, calls = ox.agreement, {"calibrate": 0}
+    real_calibrate = pt.calibrate
+
+    def agreement(reference: Any, candidate: Any, batches: Any) -> dict[str, Any]:  # the decision under test, on real graphs
+        out = real_agreement(reference, candidate, batches)
+        if Path(candidate).name in ("int8.onnx", "int8-centred.onnx"):
+            out["agreement"] = 0.95 if (Path(candidate).name == "int8-centred.onnx") == centred_better else 0.9
+        return out
+
+    def calibrate(*args: Any, **kwargs: Any) -> Any:
+        calls["calibrate"] += 1
+        return real_calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(bundle.ox, "agreement", agreement)
+    monkeypatch.setattr(pt, "calibrate", calibrate)
+    path = model.export(tmp_path / "auto", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4, int8_outliers=OUTLIERS)
+    record = json.loads((path / "manifest.json").read_text())["quantization"]
+    choice = record["centred_choice"]
+    assert choice["on"] == "8 held-out calibration texts" and choice["symmetric"] < choice["floor"] and "centred" in choice
+    assert record["centred"] is centred_better and calls["calibrate"] == 1  # the second variant reuses the calibration
+    ops = [n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node]
+    assert ("ReduceMin" in ops) is centred_better
+    # above the floor the symmetric graph is kept without building the other; an explicit choice is never second-guessed
+    monkeypatch.setattr(bundle, "CENTRED_FLOOR", 0.0)
+    kept = model.export(tmp_path / "sym", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4, int8_outliers=OUTLIERS)
+    record = json.loads((kept / "manifest.json").read_text())["quantization"]
+    assert not record["centred"] and "centred" not in record["centred_choice"]
+    forced = model.export(tmp_path / "forced", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4, int8_outliers=OUTLIERS,
+                          int8_centred=True)
+    record = json.loads((forced / "manifest.json").read_text())["quantization"]
+    assert record["centred"] and "centred_choice" not in record

@@ -37,8 +37,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "less faithful); weight-only keeps float activations (slower on CPU, pair it with --int8-nodes)")
     p.add_argument("--calibration-file", help="int8 per-token: .csv/.jsonl/.txt of the task's training texts (labels unused; never dev "
                    "or test) that calibrate the graph; a quarter is held out to measure agreement unless --validation-file is given")
-    p.add_argument("--int8-centred", action="store_true", help="int8 per-token: centre each token's row on its range before "
-                   "quantising (finer levels for lopsided rows, a few more nodes)")
+    p.add_argument("--int8-centred", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8 per-token: centre each token's row on its range before quantising (finer levels for lopsided rows, "
+                   "~8%% slower). Default: symmetric, unless it keeps fewer than 99%% of fp32's labels on the held-out "
+                   "calibration texts; then the more faithful of the two")
     p.add_argument("--int8-outliers", type=int, default=None, help="int8 per-token: input channels per MatMul kept in float (default 32)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-nodes", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
@@ -83,7 +85,7 @@ def run_export(args: argparse.Namespace) -> int:
         "embedding_bits": args.embedding_bits,
         "embedding_block": args.embedding_block,
     }
-    optional = {"int8_centred": args.int8_centred or None, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
+    optional = {"int8_centred": args.int8_centred, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
                 "optimize": False if args.no_optimize else None, "atol": args.atol}
     kwargs |= {key: value for key, value in optional.items() if value is not None}
     for key, path in (("calibration_texts", args.calibration_file), ("validation_texts", args.validation_file)):
@@ -104,7 +106,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
               f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
               + ("" if getattr(args, "calibration_file", None) else "give --calibration-file (the task's training texts) to the per-token recipe, ")
-              + ("" if getattr(args, "int8_centred", False) else "add --int8-centred (sst-5: 96.2% -> 97.6%, ~8% slower), ")
+              + ("" if (manifest.get("quantization") or {}).get("centred") else "add --int8-centred (sst-5: 96.2% -> 97.6%, ~8% slower), ")
               + "raise --int8-outliers, or trade speed for agreement: export without --quantize (or with --int8-nodes down_proj "
               "--int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
