@@ -39,7 +39,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "or test) that calibrate the graph; a quarter is held out to measure agreement unless --validation-file is given")
     p.add_argument("--int8-centred", action=argparse.BooleanOptionalAction, default=None,
                    help="int8 per-token: centre each token's row on its range before quantising (finer levels for lopsided rows, "
-                   "~8%% slower). Default: symmetric, unless it keeps fewer than 99%% of fp32's labels on the held-out "
+                   "3-8%% slower). Default: symmetric, unless it keeps fewer than 99%% of fp32's labels on the held-out "
                    "calibration texts; then the more faithful of the two")
     p.add_argument("--int8-outliers", type=int, default=None, help="int8 per-token: input channels per MatMul kept in float (default 32)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
@@ -106,7 +106,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
               f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
               + ("" if getattr(args, "calibration_file", None) else "give --calibration-file (the task's training texts) to the per-token recipe, ")
-              + ("" if (manifest.get("quantization") or {}).get("centred") else "add --int8-centred (sst-5: 96.2% -> 97.6%, ~8% slower), ")
+              + ("" if (manifest.get("quantization") or {}).get("centred") else "add --int8-centred (sst-5: 96.2% -> 97.6%, 3-8% slower), ")
               + "raise --int8-outliers, or trade speed for agreement: export without --quantize (or with --int8-nodes down_proj "
               "--int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
     if args.triton_repository:
