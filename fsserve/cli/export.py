@@ -105,7 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
     if agreement is not None and agreement < AGREEMENT_FLOOR:
         print(f"WARNING: the stored graph gives the fp32 graph's label on only {100 * agreement:.1f}% of "
               f"{manifest['agreement_with_fp32'].get('on')} (below {100 * AGREEMENT_FLOOR:.0f}%). For answers that match fp32 "
-              + ("" if getattr(args, "calibration_file", None) else "give --calibration-file (the task's training texts) to the per-token recipe, ")
+              + ("" if args.calibration_file else "give --calibration-file (the task's training texts) to the per-token recipe, ")
               + ("" if (manifest.get("quantization") or {}).get("centred") else "add --int8-centred (sst-5: 96.2% -> 97.6%, 3-8% slower), ")
               + "raise --int8-outliers, or trade speed for agreement: export without --quantize (or with --int8-nodes down_proj "
               "--int8-mode weight-only), or with --weights fp32.", file=sys.stderr)
