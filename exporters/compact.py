@@ -10,7 +10,11 @@ A fp32 graph of Gemma 3 270M is 1.0 GB, two thirds of it the 262k × 640 embeddi
   float32 scale per row (symmetric: row / (max |row| / 127)). Its ``Gather`` then reads the int8
   rows of the batch's tokens and scales just those (Gather → Cast → Mul), so the 8-bit table is never
   widened as a whole (onnxruntime keeps ``DequantizeLinear`` unfolded, which would widen all of it
-  per call).
+  per call);
+- by default (``exact_embedding``) the embedding is stored that way only when it is *exact* there: a
+  table dequantised from an 8-bit checkpoint (GGUF ``Q8_0``: 32 values per scale, as the embedded
+  Gemma's) lies on such a grid, so int8 rows and their scales (float16 when that holds them exactly)
+  give back every float32 value bit for bit, in 27% of the bytes. Answers cannot change.
 
 The agreement of the compact graph with the full one is measured at export (fsserve.exporters.bundle).
 
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_STORAGES = ("fp32", "fp16")
 EMBEDDING_BITS = (None, 8)
+EXACT_BLOCKS = (32,)  # values per scale of the 8-bit formats checkpoints ship in (GGUF Q8_0); a scale per row is tried too
 MIN_ELEMENTS = 1024  # smaller initializers (norm scales, biases, shapes) stay as they are
 FP16_MAX = 65504.0
 
@@ -51,50 +56,81 @@ def _embedding_gather(graph: Any, floats: dict[str, Any]) -> tuple[Any, Any] | N
     return best
 
 
-def _quantize_embedding(graph: Any, node: Any, init: Any, block: int | None = None) -> list[Any]:
-    """Replace ``Gather(table, ids)`` by Gather of int8 rows and of their scales, Cast and Mul; return the new initializers.
-
-    ``block``: one scale per ``block`` consecutive values of a row instead of one per row (finer, for
-    sensitive models; the table's width must be a multiple of it).
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = numpy_helper.to_array(init).astype(np.float32)
+def _block_grid(table: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit rows of ``table`` with one scale per ``group`` consecutive values: (int8 rows, float32 scales (vocab, groups))."""
     vocab, width = table.shape
-    group = block or width
     if width % group:
         raise ValueError(f"embedding width {width} is not a multiple of the block size {group}")
     blocks = table.reshape(vocab, width // group, group)
-    scale = np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127.0  # (vocab, groups)
-    rows = np.clip(np.round(blocks / scale[:, :, None]), -127, 127).astype(np.int8).reshape(vocab, width)
-    base = init.name
+    scale = (np.abs(blocks).max(axis=2) / np.float32(127.0)).astype(np.float32)  # 0 for an all-zero block: 0 * 0 = 0
+    divisor = np.where(scale > 0, scale, np.float32(1.0))
+    rows = np.clip(np.round(blocks / divisor[:, :, None]), -127, 127).astype(np.int8).reshape(vocab, width)
+    return rows, scale
+
+
+def exact_grid(table: np.ndarray, blocks: tuple[int, ...] = EXACT_BLOCKS) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(int8 rows, scales, values per scale) that give back ``table`` bit for bit, or None when it is not on such a grid."""
+    table = np.asarray(table, dtype=np.float32)
+    if table.ndim != 2 or not np.isfinite(table).all():
+        return None
+    width = table.shape[1]
+    for group in dict.fromkeys((*blocks, width)):  # finest first: a per-row grid is rarely exact, a Q8_0 table always at 32
+        if width % group:
+            continue
+        rows, scale = _block_grid(table, group)
+        widened = rows.reshape(len(table), width // group, group).astype(np.float32) * scale[:, :, None]
+        if np.array_equal(widened.reshape(table.shape), table):
+            return rows, scale, group
+    return None
+
+
+def _quantize_embedding(graph: Any, node: Any, name: str, rows: np.ndarray, scale: np.ndarray) -> list[Any]:
+    """Replace ``Gather(table, ids)`` by Gather of int8 rows and of their scales, Cast and Mul; return the new initializers.
+
+    ``scale`` is (vocab, groups): one scale per ``width / groups`` consecutive values of a row (one
+    group: a scale per row). Scales that float16 holds exactly are stored so and widened after the Gather.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, width = rows.shape
+    groups = scale.shape[1]
     out = node.output[0]
     ids = node.input[1]
+    half = scale.astype(np.float16)
+    exact_half = bool(np.array_equal(half.astype(np.float32), scale))
+    stored_scale = (half if exact_half else scale)[:, 0] if groups == 1 else (half if exact_half else scale)
     new_nodes = [
-        helper.make_node("Gather", [f"{base}.q8", ids], [f"{out}.q8"], name=f"{node.name}.q8", axis=0),
+        helper.make_node("Gather", [f"{name}.q8", ids], [f"{out}.q8"], name=f"{node.name}.q8", axis=0),
         helper.make_node("Cast", [f"{out}.q8"], [f"{out}.f32"], name=f"{node.name}.widen", to=TensorProto.FLOAT),
-        helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.scale"], name=f"{node.name}.scale", axis=0),
+        helper.make_node("Gather", [f"{name}.scale", ids], [f"{out}.scale"], name=f"{node.name}.scale", axis=0),
     ]
-    extra = []
-    if group == width:
-        scale = scale[:, 0]
-        extra = [numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{base}.last_axis")]
-        new_nodes.append(helper.make_node("Unsqueeze", [f"{out}.scale", f"{base}.last_axis"], [f"{out}.scale2"], name=f"{node.name}.unsqueeze"))
-    else:  # (..., groups) @ (groups, width) of ones per block -> a scale per value, whatever the ids' rank
-        spread = np.kron(np.eye(width // group, dtype=np.float32), np.ones((1, group), np.float32))
-        extra = [numpy_helper.from_array(spread, f"{base}.spread")]
-        new_nodes.append(helper.make_node("MatMul", [f"{out}.scale", f"{base}.spread"], [f"{out}.scale2"], name=f"{node.name}.spread"))
+    gathered = f"{out}.scale"
+    if exact_half:
+        new_nodes.append(helper.make_node("Cast", [gathered], [f"{out}.scale32"], name=f"{node.name}.scale_widen", to=TensorProto.FLOAT))
+        gathered = f"{out}.scale32"
+    if groups == 1:
+        extra = [numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}.last_axis")]
+        new_nodes.append(helper.make_node("Unsqueeze", [gathered, f"{name}.last_axis"], [f"{out}.scale2"], name=f"{node.name}.unsqueeze"))
+    else:  # (..., groups) @ (groups, width) of ones per block -> a scale per value, whatever the ids' rank (sums with 0: exact)
+        spread = np.kron(np.eye(groups, dtype=np.float32), np.ones((1, width // groups), np.float32))
+        extra = [numpy_helper.from_array(spread, f"{name}.spread")]
+        new_nodes.append(helper.make_node("MatMul", [gathered, f"{name}.spread"], [f"{out}.scale2"], name=f"{node.name}.spread"))
     new_nodes.append(helper.make_node("Mul", [f"{out}.f32", f"{out}.scale2"], [out], name=f"{node.name}.rescale"))
     position = list(graph.node).index(node)
     graph.node.remove(node)
     for offset, new in enumerate(new_nodes):
         graph.node.insert(position + offset, new)
-    return [numpy_helper.from_array(rows, f"{base}.q8"), numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale")] + extra
+    return [numpy_helper.from_array(rows, f"{name}.q8"), numpy_helper.from_array(stored_scale, f"{name}.scale")] + extra
 
 
 def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16", embedding_bits: int | None = None,
-                    embedding_block: int | None = None) -> dict[str, Any]:
-    """Write ``source`` to ``target`` with compact weight storage; return what was stored how (for the manifest)."""
+                    embedding_block: int | None = None, exact_embedding: bool = False) -> dict[str, Any]:
+    """Write ``source`` to ``target`` with compact weight storage; return what was stored how (for the manifest).
+
+    ``exact_embedding``: store the input embedding in 8 bits when that is lossless (see the module's
+    docstring); with ``embedding_bits=8`` an exact grid is preferred to the lossy one whenever there is one.
+    The record's ``changed`` is False when the target holds the source's weights as they were.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -107,16 +143,29 @@ def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16
     floats = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT}
     record: dict[str, Any] = {"storage": storage, "fp16_initializers": 0, "kept_fp32": 0, "embedding": None}
     added: list[Any] = []
-    if embedding_bits == 8:
+    if embedding_bits == 8 or exact_embedding:
         found = _embedding_gather(graph, floats)
         if found is None:
-            logger.warning("no input-embedding Gather with a table of its own in %s: the embedding is stored like the other weights", source)
+            if embedding_bits == 8:
+                logger.warning("no input-embedding Gather with a table of its own in %s: the embedding is stored like the other weights", source)
         else:
             node, init = found
-            added += _quantize_embedding(graph, node, init, embedding_block)
-            graph.initializer.remove(init)
-            del floats[init.name]
-            record["embedding"] = {"name": init.name, "rows": int(init.dims[0]), "bits": 8, "block": embedding_block}
+            table = numpy_helper.to_array(init).astype(np.float32)
+            grid = exact_grid(table)
+            if grid is None and embedding_bits == 8:
+                rows, scale = _block_grid(table, embedding_block or table.shape[1])
+                block = embedding_block
+            elif grid is not None:
+                rows, scale, group = grid
+                block = None if group == table.shape[1] else group
+            if grid is not None or embedding_bits == 8:
+                added += _quantize_embedding(graph, node, init.name, rows, scale)
+                graph.initializer.remove(init)
+                del floats[init.name]
+                record["embedding"] = {"name": init.name, "rows": int(init.dims[0]), "bits": 8, "block": block, "exact": grid is not None}
+            else:
+                logger.info("the input embedding of %s is not on an exact 8-bit grid: stored like the other weights", source)
+            del table
     casts = []
     if storage == "fp16":
         for name, init in list(floats.items()):
@@ -130,6 +179,7 @@ def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16
             added.append(numpy_helper.from_array(array.astype(np.float16), f"{name}.fp16"))
             casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.widen", to=TensorProto.FLOAT))
             record["fp16_initializers"] += 1
+    record["changed"] = bool(added)
     graph.initializer.extend(added)
     for offset, cast in enumerate(casts):  # first in the graph: their inputs are initializers, their outputs feed everything
         graph.node.insert(offset, cast)

@@ -52,7 +52,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-torch-weights", action="store_true", help=argparse.SUPPRESS)  # the default since the layout release; kept for old scripts
     p.add_argument("--weights", choices=["fp32", "fp16"], default=None,
                    help="how the graph's float weights are stored: fp16 halves the bundle (widened to fp32 at load; agreement measured)")
-    p.add_argument("--embedding-bits", type=int, choices=[8], help="store the input embedding as int8 rows with a scale per row")
+    p.add_argument("--embedding-bits", type=int, choices=[8], help="store the input embedding as int8 rows with a scale per row, lossy "
+                   "(a table already on an exact 8-bit grid, as the embedded Gemma's, is stored so by default, losslessly)")
+    p.add_argument("--no-exact-embedding", action="store_true", help="keep the input embedding float32 even where 8 bits hold it exactly")
     p.add_argument("--embedding-block", type=int, help="with --embedding-bits 8: a scale per this many values of a row (e.g. 32; "
                    "per-token int8 uses 32 by default)")
     p.add_argument("--atol", type=float, help="fp32 validation bound against torch, relative to max(1, |logit|) (default 1e-4)")
@@ -85,6 +87,8 @@ def run_export(args: argparse.Namespace) -> int:
         "embedding_bits": args.embedding_bits,
         "embedding_block": args.embedding_block,
     }
+    if args.no_exact_embedding:
+        kwargs["exact_embedding"] = False
     optional = {"int8_centred": args.int8_centred, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
                 "optimize": False if args.no_optimize else None, "atol": args.atol}
     kwargs |= {key: value for key, value in optional.items() if value is not None}
