@@ -79,6 +79,7 @@ def write_bundle(
     int8_outliers: int = DEFAULT_OUTLIERS,
     int8_centred: bool | None = None,
     embedding_block: int | None = None,
+    int8_keep_float: Sequence[str] | None = None,
     exact_embedding: bool = True,
 ) -> Path:
     """Export, validate and optimise the graph, then write the whole bundle atomically; return its path.
@@ -93,7 +94,9 @@ def write_bundle(
     ``calibration_texts`` (the task's training texts; labels unused) calibrate the per-token int8
     recipe; a held-out part of them measures its agreement when no ``validation_texts`` are given.
     ``int8_centred=None`` chooses on that held-out part: the symmetric (faster) graph when it keeps
-    fp32's label on at least CENTRED_FLOOR of it, else the more faithful of symmetric and centred.
+    fp32's label on at least CENTRED_FLOOR of it, else the more faithful of symmetric and centred, and
+    below the floor still, of that with the feed-forward down projections in float (slower, see
+    ``_per_token``). ``int8_keep_float``: MatMuls (by node-name part) that stay float in every case.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize {quantize!r}: the only option is 'int8'")
@@ -117,13 +120,17 @@ def write_bundle(
             staged = work / "int8.onnx"
             onnx_options = bool(int8_nodes or per_channel or exclude_op_types)  # options of onnxruntime's own quantisers
             mode = ("dynamic" if onnx_options else ox.default_int8_mode(model)) if int8_mode == "auto" else int8_mode
+            if int8_keep_float is not None and mode != "per-token":
+                raise ValueError(f"int8_keep_float belongs to int8_mode 'per-token', not {mode!r} (use int8_nodes to choose what "
+                                 "onnxruntime's quantiser quantises)")
             if mode == "per-token" and onnx_options:
                 raise ValueError("int8_nodes, per_channel and exclude_op_types belong to int8_mode 'dynamic' or 'weight-only'; "
                                  "per-token quantises every weight MatMul (tune it with int8_outliers)")
             if mode == "per-token":
                 calibration, held_out = split_calibration(calibration_texts or [])
                 batches = ox.text_batches(model, calibration, CALIBRATION_BATCH) if calibration else None
-                info["quantization"] = _per_token(model, fp32, staged, batches, held_out, int8_outliers, int8_centred, work)
+                info["quantization"] = _per_token(model, fp32, staged, batches, held_out, int8_outliers, int8_centred, work,
+                                                  int8_keep_float)
                 info["quantization"]["calibration_texts"] = len(calibration)
                 if embedding_bits is None:  # the embedding is 2/3 of the weights: 8 bits with a scale per 32 values
                     embedding_bits, embedding_block = 8, embedding_block or PER_TOKEN_EMBEDDING_BLOCK
@@ -172,24 +179,45 @@ def write_bundle(
 
 
 def _per_token(model: Any, fp32: Path, staged: Path, batches: Any, held_out: Sequence[Any], outliers: int, centred: bool | None,
-               work: Path) -> dict[str, Any]:
-    """Quantise per token; with ``centred=None`` build the centred variant too when the symmetric one falls below the floor."""
+               work: Path, keep_float: Sequence[str] | None = None) -> dict[str, Any]:
+    """Quantise per token; in auto mode (``centred=None``) escalate while the held-out agreement is below CENTRED_FLOOR.
+
+    The steps, each kept only when it keeps more of fp32's labels: the symmetric graph; the centred one;
+    the better of those with the feed-forward down projections (the widest-input MatMuls) left in float
+    (``keep_float=None``; an explicit ``keep_float`` applies to every graph and replaces that step).
+    """
+    import onnx
+
+    from fsserve.exporters.per_token import widest_input_matmuls
+
     reuse: dict[str, Any] = {}
-    record = quantize_per_token(fp32, staged, batches, outliers=outliers, centred=bool(centred), reuse=reuse)
+    explicit = tuple(keep_float or ())
+    record = quantize_per_token(fp32, staged, batches, outliers=outliers, centred=bool(centred), reuse=reuse, keep_float=explicit)
     if centred is not None or not held_out or batches is None:
         return record
     checks = ox.text_batches(model, held_out)
     symmetric = ox.agreement(fp32, staged, checks)["agreement"]
-    choice = {"on": f"{len(held_out)} held-out calibration texts", "floor": CENTRED_FLOOR, "symmetric": symmetric}
-    if symmetric < CENTRED_FLOOR:
+    choice: dict[str, Any] = {"on": f"{len(held_out)} held-out calibration texts", "floor": CENTRED_FLOOR, "symmetric": symmetric}
+    best = symmetric
+    if best < CENTRED_FLOOR:
         other = work / "int8-centred.onnx"
-        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=True, reuse=reuse)
+        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=True, reuse=reuse, keep_float=explicit)
         choice["centred"] = ox.agreement(fp32, other, checks)["agreement"]
-        if choice["centred"] > symmetric:
+        if choice["centred"] > best:
             os.replace(other, staged)
-            record = other_record
-        logger.info("per-token int8: symmetric keeps %.1f%% of held-out labels, centred %.1f%%: kept %s", 100 * symmetric,
-                    100 * choice["centred"], "centred" if record["centred"] else "symmetric")
+            record, best = other_record, choice["centred"]
+    if best < CENTRED_FLOOR and keep_float is None:
+        names = widest_input_matmuls(onnx.load(str(fp32), load_external_data=False))
+        other = work / "int8-float-ffn.onnx"
+        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=record["centred"], reuse=reuse, keep_float=names)
+        choice["ffn_out_in_float"] = ox.agreement(fp32, other, checks)["agreement"]
+        if choice["ffn_out_in_float"] > best:
+            os.replace(other, staged)
+            record, best = other_record, choice["ffn_out_in_float"]
+    if best != symmetric:
+        logger.info("per-token int8: the symmetric graph keeps %.1f%% of held-out labels; kept %s at %.1f%% (%s)", 100 * symmetric,
+                    "centred" if record["centred"] else "symmetric", 100 * best,
+                    f"{record['kept_float']} MatMuls in float" if record["kept_float"] else "every MatMul int8")
     return record | {"centred_choice": choice}
 
 

@@ -60,6 +60,16 @@ def weight_matmuls(model: Any) -> dict[str, list[Any]]:
     return points
 
 
+def widest_input_matmuls(model: Any) -> list[str]:
+    """Names of the weight MatMuls with the widest input: the feed-forward down projections (Gemma/Llama
+    ``down_proj``, BERT ``output.dense``, GPT-2 ``mlp.c_proj``), whose heavy-tailed inputs 8 bits serve worst."""
+    inits = {i.name: i for i in model.graph.initializer}
+    groups = weight_matmuls(model)
+    widths = {x: int(inits[nodes[0].input[1]].dims[0]) for x, nodes in groups.items()}
+    widest = max(widths.values(), default=0)
+    return [node.name for x, nodes in groups.items() if widths[x] == widest for node in nodes]
+
+
 def calibrate(source: str | Path, batches: Sequence[dict[str, np.ndarray]], points: Sequence[str], hessians: bool = True) -> dict[str, dict[str, Any]]:
     """Run the float graph over the batches; per input tensor: channel max |x| and (for GPTQ) sum of x^T x, over real tokens."""
     import onnx
@@ -226,8 +236,11 @@ def _quantized_matmul(tag: str, output: str, w: np.ndarray, q: np.ndarray, scale
 
 def quantize_per_token(source: str | Path, target: str | Path, calibration_batches: Sequence[dict[str, np.ndarray]] | None,
                        outliers: int = DEFAULT_OUTLIERS, gptq: bool = True, centred: bool = False,
-                       reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+                       reuse: dict[str, Any] | None = None, keep_float: Sequence[str] = ()) -> dict[str, Any]:
     """Write the per-token int8 graph of a float graph (see the module doc); return its recipe record.
+
+    ``keep_float``: MatMuls whose node name contains one of these (``down_proj``, ``layers.17/``) stay
+    in float, with every MatMul that reads the same input.
 
     Without calibration batches the recipe falls back to round-to-nearest weights and no outlier
     channels (both need the calibration inputs), and says so in the record. ``reuse``: a dict kept
@@ -257,7 +270,11 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
                  _const("pertoken/inv127", np.array(1 / 127.0, np.float32)), _const("pertoken/half", np.array([0.5], np.float32))]
     dropped: set[str] = set()
     matmuls = 0
+    kept_float = 0
     for index, (x, nodes) in enumerate(groups.items()):
+        if any(part in node.name for node in nodes for part in keep_float):
+            kept_float += len(nodes)
+            continue
         k = int(inits[nodes[0].input[1]].dims[0])
         st = stats.get(x)
         keep = np.sort(np.argsort(st["amax"])[-outliers:]) if (st is not None and outliers and outliers < k) else None
@@ -289,7 +306,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
         for node in nodes:
             dropped.add(node.input[1])
         matmuls += len(nodes)
-    gone = {node.output[0] for group in groups.values() for node in group}
+    gone = {node.output[0] for group in groups.values() for node in group if group[0].output[0] in replaced}
     out_nodes = []
     for node in model.graph.node:  # the group's block goes where its first MatMul was; the others disappear
         if node.op_type == "MatMul" and node.output[0] in gone:
@@ -305,7 +322,7 @@ def quantize_per_token(source: str | Path, target: str | Path, calibration_batch
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(target))
-    record = {"mode": "per-token", "centred": centred, "matmuls": matmuls, "points": len(groups), "outliers": outliers if calibrated else 0,
+    record = {"mode": "per-token", "centred": centred, "matmuls": matmuls, "points": len(groups), "outliers": outliers if calibrated else 0, "kept_float": kept_float,
               "gptq": bool(gptq and calibrated), "calibration_tokens": int(max((s["tokens"] for s in stats.values()), default=0))}
     if not calibrated:
         record["note"] = "no calibration texts: round-to-nearest weights, no outlier channels"

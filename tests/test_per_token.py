@@ -88,6 +88,26 @@ def test_a_row_keeps_its_answer_whatever_shares_its_batch(gemma: tuple[PromptMod
     assert np.abs(_run(dynamic, feeds[0])[0] - _run(dynamic, feeds[1])[0]).max() > 1e-4
 
 
+def test_keep_float_leaves_the_named_matmuls_and_their_input_siblings_in_float(gemma: tuple[PromptModel, Path], tmp_path: Path) -> None:
+    model, fp32 = gemma
+    target = tmp_path / "int8.onnx"
+    batches = ox.text_batches(model, TEXTS, 4)
+    everything = pt.quantize_per_token(fp32, tmp_path / "all.onnx", batches, outliers=OUTLIERS)
+    record = pt.quantize_per_token(fp32, target, batches, outliers=OUTLIERS, keep_float=("down_proj", "layers.1/self_attn/k_proj"))
+    left = pt.weight_matmuls(onnx.load(str(target)))
+    names = sorted(node.name for nodes in left.values() for node in nodes)
+    # both layers' down_proj, and layer 1's k_proj with the q_proj and v_proj that read the same input
+    assert sum("down_proj" in n for n in names) == 2 and sum("layers.1/self_attn" in n for n in names) == 3 and len(names) == 5
+    assert record["kept_float"] == 5 and record["matmuls"] == everything["matmuls"] - 5
+    ops = [n.op_type for n in onnx.load(str(target)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == record["matmuls"]
+    batch = ox.text_batches(model, TEXTS, 8)[0]
+    assert np.abs(_run(target, batch) - _run(fp32, batch)).max() > 0  # the rest is still quantised
+    nothing = pt.quantize_per_token(fp32, tmp_path / "none.onnx", batches, outliers=OUTLIERS, keep_float=("/",))
+    assert nothing["matmuls"] == 0 and nothing["kept_float"] == everything["matmuls"]
+    np.testing.assert_allclose(_run(tmp_path / "none.onnx", batch), _run(fp32, batch), atol=1e-6)
+
+
 def test_outlier_channels_are_the_calibrated_largest_and_leave_the_integer_path(gemma: tuple[PromptModel, Path], tmp_path: Path) -> None:
     model, fp32 = gemma
     batches = ox.text_batches(model, TEXTS, 4)
@@ -198,9 +218,9 @@ def test_an_all_zero_row_gives_exactly_zero_and_other_rows_stay_close(tmp_path: 
     np.testing.assert_allclose(got, x @ w, atol=0.05 * np.abs(x @ w).max())
 
 
-@pytest.mark.parametrize("centred_better", [True, False])
+@pytest.mark.parametrize(("centred_better", "ffn_better"), [(True, False), (False, True)])
 def test_auto_centring_builds_the_centred_graph_only_below_the_floor_and_keeps_the_more_faithful(
-        gemma: tuple[PromptModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, centred_better: bool) -> None:
+        gemma: tuple[PromptModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, centred_better: bool, ffn_better: bool) -> None:
     from fsserve.exporters import bundle
 
     model, _ = gemma
@@ -211,6 +231,8 @@ def test_auto_centring_builds_the_centred_graph_only_below_the_floor_and_keeps_t
         out = real_agreement(reference, candidate, batches)
         if Path(candidate).name in ("int8.onnx", "int8-centred.onnx"):
             out["agreement"] = 0.95 if (Path(candidate).name == "int8-centred.onnx") == centred_better else 0.9
+        elif Path(candidate).name == "int8-float-ffn.onnx":  # the third step: down projections in float
+            out["agreement"] = 0.97 if ffn_better else 0.5
         return out
 
     def calibrate(*args: Any, **kwargs: Any) -> Any:
@@ -223,15 +245,38 @@ def test_auto_centring_builds_the_centred_graph_only_below_the_floor_and_keeps_t
     record = json.loads((path / "manifest.json").read_text())["quantization"]
     choice = record["centred_choice"]
     assert choice["on"] == "8 held-out calibration texts" and choice["symmetric"] < choice["floor"] and "centred" in choice
-    assert record["centred"] is centred_better and calls["calibrate"] == 1  # the second variant reuses the calibration
-    ops = [n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node]
+    assert record["centred"] is centred_better and calls["calibrate"] == 1  # every variant reuses the calibration
+    assert "ffn_out_in_float" in choice and (record["kept_float"] == 2) is ffn_better  # the tiny model's two down_proj
+    graph = onnx.load(str(path / "model.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
     assert ("ReduceMin" in ops) is centred_better
+    assert sorted(n.name for nodes in pt.weight_matmuls(graph).values() for n in nodes) == (
+        ["/model/model/layers.0/mlp/down_proj/MatMul", "/model/model/layers.1/mlp/down_proj/MatMul"] if ffn_better else [])
+    # an explicit keep_float replaces the third step
+    explicit = model.export(tmp_path / "explicit", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4,
+                            int8_outliers=OUTLIERS, int8_keep_float=())
+    record = json.loads((explicit / "manifest.json").read_text())["quantization"]
+    assert "ffn_out_in_float" not in record["centred_choice"] and record["kept_float"] == 0
     # above the floor the symmetric graph is kept without building the other; an explicit choice is never second-guessed
     monkeypatch.setattr(bundle, "CENTRED_FLOOR", 0.0)
     kept = model.export(tmp_path / "sym", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4, int8_outliers=OUTLIERS)
     record = json.loads((kept / "manifest.json").read_text())["quantization"]
-    assert not record["centred"] and "centred" not in record["centred_choice"]
+    assert not record["centred"] and "centred" not in record["centred_choice"] and "ffn_out_in_float" not in record["centred_choice"]
     forced = model.export(tmp_path / "forced", quantize="int8", int8_mode="per-token", calibration_texts=TEXTS * 4, int8_outliers=OUTLIERS,
                           int8_centred=True)
     record = json.loads((forced / "manifest.json").read_text())["quantization"]
     assert record["centred"] and "centred_choice" not in record
+
+
+def test_keep_float_options_parse_and_belong_to_per_token(gemma: tuple[PromptModel, Path], tmp_path: Path) -> None:
+    import argparse
+
+    from fsserve.cli.export import _name_parts
+
+    assert _name_parts("down_proj,o_proj") == ("down_proj", "o_proj") and _name_parts("none") == ()
+    with pytest.raises(argparse.ArgumentTypeError, match="node-name parts"):
+        _name_parts(",")
+    model, _ = gemma
+    with pytest.raises(ValueError, match="int8_keep_float belongs to int8_mode 'per-token', not 'dynamic'"):
+        model.export(tmp_path / "x", quantize="int8", int8_mode="dynamic", int8_keep_float=("down_proj",))
+    assert not (tmp_path / "x").exists()

@@ -42,6 +42,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "3-8%% slower). Default: symmetric, unless it keeps fewer than 99%% of fp32's labels on the held-out "
                    "calibration texts; then the more faithful of the two")
     p.add_argument("--int8-outliers", type=int, default=None, help="int8 per-token: input channels per MatMul kept in float (default 32)")
+    p.add_argument("--int8-keep-float", type=_name_parts, default=None, metavar="PARTS",
+                   help="int8 per-token: leave the MatMuls whose node name contains one of these (comma-separated, e.g. down_proj) "
+                   "in float; 'none' for none. Default: all int8, unless held-out agreement stays below 99%% after centring; then the "
+                   "feed-forward down projections too if that keeps more labels (slower)")
     p.add_argument("--per-channel", action="store_true", help="int8: per-channel weight scales")
     p.add_argument("--int8-nodes", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
                    help="int8: quantise only the MatMuls whose name contains one of these (comma-separated, e.g. down_proj)")
@@ -69,6 +73,16 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _name_parts(value: str) -> tuple[str, ...]:
+    """Parse --int8-keep-float: comma-separated node-name parts, or 'none' for an explicit empty list."""
+    parts = tuple(part for part in value.split(",") if part.strip())
+    if parts == ("none",):
+        return ()
+    if not parts:
+        raise argparse.ArgumentTypeError("give node-name parts such as down_proj, or 'none'")
+    return parts
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Run the export command: load, export (validated), optionally write the Triton repository."""
     from fsserve.modeling import MODEL_CONFIG, PromptModel
@@ -89,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
     }
     if args.no_exact_embedding:
         kwargs["exact_embedding"] = False
-    optional = {"int8_centred": args.int8_centred, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
+    optional = {"int8_keep_float": args.int8_keep_float, "int8_centred": args.int8_centred, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
                 "optimize": False if args.no_optimize else None, "atol": args.atol}
     kwargs |= {key: value for key, value in optional.items() if value is not None}
     for key, path in (("calibration_texts", args.calibration_file), ("validation_texts", args.validation_file)):
