@@ -246,3 +246,8 @@ def test_cli_export_warns_below_the_floor_and_names_only_the_flags_not_yet_given
                  "--int8-centred"]) == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "--calibration-file" not in err and "--int8-centred" not in err and "--int8-outliers" in err
+    assert "--int8-keep-float" in err  # forced centring skips the automatic steps, so the flag is still worth naming
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "kept"), "--quantize", "int8", "--calibration-file", str(calibration),
+                 "--int8-centred", "--int8-keep-float", "down_proj"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "--int8-keep-float" not in err
