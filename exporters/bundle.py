@@ -199,21 +199,22 @@ def _per_token(model: Any, fp32: Path, staged: Path, batches: Any, held_out: Seq
     symmetric = ox.agreement(fp32, staged, checks)["agreement"]
     choice: dict[str, Any] = {"on": f"{len(held_out)} held-out calibration texts", "floor": CENTRED_FLOOR, "symmetric": symmetric}
     best = symmetric
-    if best < CENTRED_FLOOR:
-        other = work / "int8-centred.onnx"
-        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=True, reuse=reuse, keep_float=explicit)
-        choice["centred"] = ox.agreement(fp32, other, checks)["agreement"]
-        if choice["centred"] > best:
+
+    def try_variant(key: str, file: str, **options: Any) -> None:
+        """Build one more graph, measure it on the held-out texts and keep it if it keeps more labels."""
+        nonlocal record, best
+        other = work / file
+        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, reuse=reuse, **options)
+        choice[key] = ox.agreement(fp32, other, checks)["agreement"]
+        if choice[key] > best:
             os.replace(other, staged)
-            record, best = other_record, choice["centred"]
+            record, best = other_record, choice[key]
+
+    if best < CENTRED_FLOOR:
+        try_variant("centred", "int8-centred.onnx", centred=True, keep_float=explicit)
     if best < CENTRED_FLOOR and keep_float is None:
         names = widest_input_matmuls(onnx.load(str(fp32), load_external_data=False))
-        other = work / "int8-float-ffn.onnx"
-        other_record = quantize_per_token(fp32, other, batches, outliers=outliers, centred=record["centred"], reuse=reuse, keep_float=names)
-        choice["ffn_out_in_float"] = ox.agreement(fp32, other, checks)["agreement"]
-        if choice["ffn_out_in_float"] > best:
-            os.replace(other, staged)
-            record, best = other_record, choice["ffn_out_in_float"]
+        try_variant("ffn_out_in_float", "int8-float-ffn.onnx", centred=record["centred"], keep_float=names)
     if best != symmetric:
         logger.info("per-token int8: the symmetric graph keeps %.1f%% of held-out labels; kept %s at %.1f%% (%s)", 100 * symmetric,
                     "centred" if record["centred"] else "symmetric", 100 * best,

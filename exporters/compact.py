@@ -25,10 +25,13 @@ The agreement of the compact graph with the full one is measured at export (fsse
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fsserve.exporters.per_token import round_int8
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,7 @@ def _block_grid(table: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     blocks = table.reshape(vocab, width // group, group)
     scale = (np.abs(blocks).max(axis=2) / np.float32(127.0)).astype(np.float32)  # 0 for an all-zero block: 0 * 0 = 0
     divisor = np.where(scale > 0, scale, np.float32(1.0))
-    rows = np.clip(np.round(blocks / divisor[:, :, None]), -127, 127).astype(np.int8).reshape(vocab, width)
-    return rows, scale
+    return round_int8(blocks, divisor[:, :, None]).reshape(vocab, width), scale
 
 
 def exact_grid(table: np.ndarray, blocks: tuple[int, ...] = EXACT_BLOCKS) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -98,7 +100,9 @@ def _quantize_embedding(graph: Any, node: Any, name: str, rows: np.ndarray, scal
     ids = node.input[1]
     half = scale.astype(np.float16)
     exact_half = bool(np.array_equal(half.astype(np.float32), scale))
-    stored_scale = (half if exact_half else scale)[:, 0] if groups == 1 else (half if exact_half else scale)
+    stored_scale = half if exact_half else scale
+    if groups == 1:
+        stored_scale = stored_scale[:, 0]
     new_nodes = [
         helper.make_node("Gather", [f"{name}.q8", ids], [f"{out}.q8"], name=f"{node.name}.q8", axis=0),
         helper.make_node("Cast", [f"{out}.q8"], [f"{out}.f32"], name=f"{node.name}.widen", to=TensorProto.FLOAT),
@@ -151,21 +155,22 @@ def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16
         else:
             node, init = found
             table = numpy_helper.to_array(init).astype(np.float32)
+            width = table.shape[1]
             grid = exact_grid(table)
-            if grid is None and embedding_bits == 8:
-                rows, scale = _block_grid(table, embedding_block or table.shape[1])
-                block = embedding_block
-            elif grid is not None:
+            if grid is not None:
                 rows, scale, group = grid
-                block = None if group == table.shape[1] else group
-            if grid is not None or embedding_bits == 8:
+                block = None if group == width else group
+            elif embedding_bits == 8:
+                rows, scale = _block_grid(table, embedding_block or width)
+                block = embedding_block
+            del table
+            if grid is None and embedding_bits != 8:
+                logger.info("the input embedding of %s is not on an exact 8-bit grid: stored like the other weights", source)
+            else:
                 added += _quantize_embedding(graph, node, init.name, rows, scale)
                 graph.initializer.remove(init)
                 del floats[init.name]
                 record["embedding"] = {"name": init.name, "rows": int(init.dims[0]), "bits": 8, "block": block, "exact": grid is not None}
-            else:
-                logger.info("the input embedding of %s is not on an exact 8-bit grid: stored like the other weights", source)
-            del table
     casts = []
     if storage == "fp16":
         for name, init in list(floats.items()):
@@ -180,6 +185,10 @@ def compact_weights(source: str | Path, target: str | Path, storage: str = "fp16
             casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.widen", to=TensorProto.FLOAT))
             record["fp16_initializers"] += 1
     record["changed"] = bool(added)
+    if not record["changed"]:  # the source's own bytes: no second serialisation of an unchanged graph
+        if Path(source).resolve() != Path(target).resolve():
+            shutil.copyfile(source, target)
+        return record
     graph.initializer.extend(added)
     for offset, cast in enumerate(casts):  # first in the graph: their inputs are initializers, their outputs feed everything
         graph.node.insert(offset, cast)

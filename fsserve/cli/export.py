@@ -100,9 +100,8 @@ def run_export(args: argparse.Namespace) -> int:
         "torch_weights": bool(args.with_torch),
         "embedding_bits": args.embedding_bits,
         "embedding_block": args.embedding_block,
+        "exact_embedding": not args.no_exact_embedding,
     }
-    if args.no_exact_embedding:
-        kwargs["exact_embedding"] = False
     optional = {"int8_keep_float": args.int8_keep_float, "int8_centred": args.int8_centred, "int8_outliers": args.int8_outliers, "weight_storage": args.weights,
                 "optimize": False if args.no_optimize else None, "atol": args.atol}
     kwargs |= {key: value for key, value in optional.items() if value is not None}
