@@ -229,10 +229,13 @@ def _prompt_config(config: ExperimentConfig, task: TaskSpec, method: str, kind: 
                         regression_range=list(task.label_range) if task.is_regression else None)
 
 
-def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] | None = None,
+             save_to: str | Path | None = None) -> dict[str, Any]:
     """Train (if the method trains) and score one cell; returns its dev and test scores and timings.
 
     ``pretrained`` is an already loaded ``(lm, tokenizer)`` to copy instead of loading ``config.model``.
+    ``save_to`` keeps the scored model there (``PromptModel.save_pretrained``, with its demonstration
+    pool) and its test predictions as ``test_predictions.json``, so the served path can be checked.
     """
     import time
 
@@ -276,7 +279,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         result = trainer.train()
         record.update(dev=result.best_score, best_step=result.best_step, dev_curve=result.evals,
                       train_seconds=round(result.seconds, 1), final_loss=result.losses[-1] if result.losses else None)
-        record["test"] = trainer.evaluate(test)["score"]
+        scored = trainer.evaluate(test)
+        record["test"], predictions = scored["score"], scored["predictions"]
     elif cell.method == "in-context":
         from fsserve.experiment.baselines import in_context_logits
         from fsserve.metrics import compute_metric
@@ -289,7 +293,13 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         from fsserve.training import evaluate_model
 
         record["dev"] = evaluate_model(model, dev, task.metric, config.eval_batch_size)["score"]
-        record["test"] = evaluate_model(model, test, task.metric, config.eval_batch_size)["score"]
+        scored = evaluate_model(model, test, task.metric, config.eval_batch_size)
+        record["test"], predictions = scored["score"], scored["predictions"]
+    if save_to is not None:
+        if cell.method == "in-context":
+            raise ValueError("an in-context cell has no trained model to save")
+        model.save_pretrained(save_to)
+        write_json_atomic(Path(save_to) / "test_predictions.json", [p if isinstance(p, float) else str(p) for p in predictions])
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
 
