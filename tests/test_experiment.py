@@ -19,7 +19,7 @@ from fsserve.metrics import compute_metric
 from fsserve.experiment.protocol import (
     Cell, ExperimentConfig, cache_path, cell_settings, demo_eval_mode, iter_cells, run_cell, run_experiment,
 )
-from fsserve.experiment.report import markdown_table, summarize
+from fsserve.experiment.report import demo_gains, gains_table, markdown_table, summarize
 from fsserve.modeling import PromptModel
 
 POS = ["a warm and funny film", "a superb, moving story", "lovely acting throughout", "a gem of a movie", "pure joy"]
@@ -258,6 +258,25 @@ def test_summary_table_marks_missing_seeds() -> None:
     assert rows[0]["mean"] == pytest.approx(0.3) and rows[0]["std"] == pytest.approx(0.1)
     table = markdown_table(rows, ["CoLA", "STS-B"], ["prompt", "finetune"], n_seeds=3)
     assert "| prompt | 30.0 (10.0) [2/3 seeds] | – |" in table and "CoLA (MCC)" in table and "| finetune | – | – |" in table
+
+
+def test_the_report_marks_tasks_where_demonstrations_do_not_help() -> None:
+    def rec(task: str, method: str, seed: int, test: float, dev: float = 0.5, lr: float = 1e-5) -> dict:
+        return {"settings": {"task": task, "method": method, "seed": seed, "learning_rate": lr}, "metric": "acc", "dev": dev, "test": test}
+
+    records = [rec("SST-2", "prompt", 13, 0.90), rec("SST-2", "prompt", 21, 0.80), rec("SST-2", "prompt-demo-similar", 13, 0.85),
+               rec("SST-2", "prompt-demo-similar", 21, 0.84),
+               # the grid's other point has the better test but the worse dev: the paired score is the best-on-dev one
+               rec("SST-2", "prompt-demo-similar", 21, 0.99, dev=0.1, lr=2e-5),
+               rec("trec", "prompt", 13, 0.60), rec("trec", "prompt-demo-similar", 13, 0.70),
+               rec("trec", "prompt-demo-similar", 42, 0.10)]  # no prompt cell for seed 42: not paired
+    gains = {(g["task"], g["method"]): g for g in demo_gains(records)}
+    sst2, trec = gains[("SST-2", "prompt-demo-similar")], gains[("trec", "prompt-demo-similar")]
+    assert sst2["seeds"] == [13, 21] and sst2["delta"] == pytest.approx(-0.005) and sst2["wins"] == 1 and not sst2["helps"]
+    assert trec["seeds"] == [13] and trec["delta"] == pytest.approx(0.10) and trec["helps"]
+    table = gains_table(list(gains.values()))
+    assert "| SST-2 | prompt-demo-similar | 85.0 | 84.5 | -0.5 | 1/2 | **does not help** |" in table
+    assert "| trec | prompt-demo-similar | 60.0 | 70.0 | +10.0 | 1/1 | helps |" in table
 
 
 def test_bad_configs_name_the_problem(kshot: Path, tmp_path: Path) -> None:

@@ -151,6 +151,11 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     failed = [log for proc, log in workers if proc.wait() != 0]
     print()
     print(report["table"], end="")
+    if report.get("demo_gains"):
+        from fsserve.experiment.report import gains_table
+
+        print("\nDemonstrations against plain prompt FT (test, paired seeds):")
+        print(gains_table(report["demo_gains"]), end="")
     from fsserve.experiment.published import published_table
 
     theirs = published_table(config.tasks, config.methods)

@@ -52,6 +52,42 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+DEMO_METHODS = ("prompt-demo", "prompt-demo-similar")
+
+
+def demo_gains(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, how much each demonstration method adds to plain prompt FT on the test score (paired seeds).
+
+    Marks ``helps`` False where the mean paired difference is not above zero, so a report never lets
+    demonstrations look like a gain where they are not one.
+    """
+    best = best_per_seed(records)
+    gains = []
+    for task in dict.fromkeys(k[0] for k in best):
+        plain = {seed: r["test"] for (t, m, seed), r in best.items() if t == task and m == "prompt"}
+        for method in DEMO_METHODS:
+            demo = {seed: r["test"] for (t, m, seed), r in best.items() if t == task and m == method}
+            seeds = sorted(set(plain) & set(demo))
+            if not seeds:
+                continue
+            deltas = [demo[s] - plain[s] for s in seeds]
+            gains.append({"task": task, "method": method, "seeds": seeds, "prompt": float(np.mean([plain[s] for s in seeds])),
+                          "with_demos": float(np.mean([demo[s] for s in seeds])), "delta": float(np.mean(deltas)),
+                          "wins": sum(d > 0 for d in deltas), "helps": bool(np.mean(deltas) > 0)})
+    return gains
+
+
+def gains_table(gains: list[dict[str, Any]]) -> str:
+    """The demonstration gains as markdown, with every task where they do not help marked in bold."""
+    lines = ["| task | method | prompt FT | with demonstrations | Δ (paired seeds) | seeds better | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for g in gains:
+        verdict = "helps" if g["helps"] else "**does not help**"
+        lines.append(f"| {g['task']} | {g['method']} | {100 * g['prompt']:.1f} | {100 * g['with_demos']:.1f} | "
+                     f"{100 * g['delta']:+.1f} | {g['wins']}/{len(g['seeds'])} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], n_seeds: int) -> str:
     """Methods as rows and tasks as columns (LM-BFF's Table 3 layout); ``mean (std)`` ×100."""
     by = {(r["task"], r["method"]): r for r in rows}
@@ -115,12 +151,16 @@ def write_reports(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     rows = summarize(records)
     table = markdown_table(rows, config.tasks, config.methods, len(config.seeds))
     theirs = published_table(config.tasks, config.methods)
-    report = {"config": config.to_dict(), "summary": rows, "cells": records, "table": table,
+    gains = demo_gains(records)
+    report = {"config": config.to_dict(), "summary": rows, "cells": records, "table": table, "demo_gains": gains,
               "published": {"paper": PAPER, "cells": published_rows(config.tasks, config.methods)}}
     write_json_atomic(out / "results.json", report)
     text = ("# LM-BFF protocol results\n\n"
             f"**Ours**: model `{config.model}`, k={config.k}, seeds {config.seeds}; test score ×100, mean (std) over "
             f"seeds, each seed's setting chosen by dev, on {describe_test_set(config)}. Settings: see results.json.\n\n" + table)
+    if gains:
+        text += ("\n**Demonstrations against plain prompt FT** (test, mean over the seeds both have; a task where "
+                 "they add nothing is marked):\n\n" + gains_table(gains))
     if theirs:
         text += (f"\n**Theirs** (not run here): {PAPER}. Cells no source could confirm are marked so; "
                  "where each number was read: `fsserve/experiment/published.py`.\n\n" + theirs)
