@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +30,7 @@ import numpy as np
 
 from fsserve.bench.report import machine_info, write_json_and_markdown
 from fsserve.bench.run import load_texts
+from fsserve.serving.process import ServerProcess
 
 MODEL_NAME = "bench"
 
@@ -44,50 +42,16 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean())}
 
 
-class ServerProcess:
-    """``fsserve serve`` in a child process on a free loopback port; stopped with SIGTERM (it drains)."""
-
-    def __init__(self, bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None, device: str | None = None,
-                 extra: Sequence[str] = ()) -> None:
-        command = [sys.executable, "-m", "fsserve", "serve", f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1",
-                   "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(delay_ms), "--backend", backend,
-                   "--max-queue-size", "1024"] + (["--device", device] if device else []) + list(extra)
-        self.http_port: int | None = None  # set when ``extra`` asks for --http-port
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.port = self._wait_for_port(timeout=300.0)
-
-    def _wait_for_port(self, timeout: float) -> int:
-        """Read the server's announcement line ("serving ... on 127.0.0.1:PORT") and return the port."""
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        assert self.process.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            seen.append(line.rstrip())
-            match = re.search(r"serving .*? on [\d.]+:(\d+)", line)
-            http = re.search(r"HTTP/REST on [\d.]+:(\d+)", line)
-            if http:
-                self.http_port = int(http.group(1))
-            if match:
-                threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the pipe drained
-                return int(match.group(1))
-        self.stop()
-        raise RuntimeError("the server did not start:\n" + "\n".join(seen[-20:]))
-
-    def stop(self) -> None:
-        """SIGTERM, wait for the drain, kill only if it hangs."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_server(bundle: str, max_batch_size: int, delay_ms: float, backend: str, threads: int | None, device: str | None = None,
+                 extra: Sequence[str] = ()) -> ServerProcess:
+    """``fsserve serve`` on the bundle in a child process, on a port the OS picks, metrics off."""
+    args = [f"{MODEL_NAME}={bundle}", "--port", "0", "--metrics-port", "-1", "--max-batch-size", str(max_batch_size),
+            "--max-queue-delay-ms", str(delay_ms), "--backend", backend, "--max-queue-size", "1024"]
+    args += (["--device", device] if device else []) + list(extra)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return ServerProcess(args, env=env)
 
 
 def hammer(clients: Sequence[Any], requests: int, call: Callable[[Any, int], None]) -> tuple[list[float], list[str], float]:
@@ -206,7 +170,7 @@ def main() -> None:
                               "backend": backend, "device": args.device, "texts": source, "machine": machine_info(args.threads), "runs": []}
     modes = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.batching]
     for mode in modes:
-        server = ServerProcess(args.bundle, 32 if mode == "on" else 1, args.delay_ms, backend, args.threads, args.device)
+        server = start_server(args.bundle, 32 if mode == "on" else 1, args.delay_ms, backend, args.threads, args.device)
         try:
             url = f"127.0.0.1:{server.port}"
             if mode == "off":

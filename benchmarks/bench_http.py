@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_grpc import MODEL_NAME, ServerProcess, finish, hammer, percentiles
+from bench_grpc import MODEL_NAME, finish, hammer, percentiles, start_server
 
 from fsserve.bench.report import machine_info
 from fsserve.bench.run import load_texts
+from fsserve.serving.process import ServerProcess
 
 PROTOCOLS = ("grpc", "http_json", "tritonclient_http")
 
@@ -202,7 +203,7 @@ def main() -> None:
     requests = [[texts[(3 * i + j) % len(texts)] for j in range(1 + i % 3)] for i in range(args.requests)]
     predictor = Predictor.from_pretrained(args.bundle, backend=backend)
     expected = [predictor.predict_proba(r) for r in requests]
-    server = ServerProcess(args.bundle, 32, args.delay_ms, backend, args.threads, extra=["--http-port", "0"])
+    server = start_server(args.bundle, 32, args.delay_ms, backend, args.threads, extra=["--http-port", "0"])
     try:
         print(f"batch 1, {args.pairs} interleaved rounds ...", flush=True)
         record["interleaved"] = interleaved(server, texts, args.pairs)

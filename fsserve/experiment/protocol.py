@@ -243,6 +243,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
     from fsserve.modeling import PromptModel
     from fsserve.training import Trainer, set_seed
 
+    if save_to is not None and cell.method == "in-context":
+        raise ValueError("an in-context cell has no trained model to save")
     task = get_task(cell.task)
     start = time.perf_counter()
     train = load_kshot(task, config.data_dir, config.k, cell.seed, "train")
@@ -296,8 +298,6 @@ def run_cell(config: ExperimentConfig, cell: Cell, pretrained: tuple[Any, Any] |
         scored = evaluate_model(model, test, task.metric, config.eval_batch_size)
         record["test"], predictions = scored["score"], scored["predictions"]
     if save_to is not None:
-        if cell.method == "in-context":
-            raise ValueError("an in-context cell has no trained model to save")
         model.save_pretrained(save_to)
         write_json_atomic(Path(save_to) / "test_predictions.json", [p if isinstance(p, float) else str(p) for p in predictions])
     record["seconds"] = round(time.perf_counter() - start, 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 from fsserve.data import get_task, load_kshot
 from fsserve.experiment.protocol import (
-    DEMO_MODES, LMBFF_DEMO_FORMAT, TRAINED, Cell, ExperimentConfig, cell_settings, run_cell,
+    DEMO_MODES, LMBFF_DEMO_FORMAT, TRAINED, Cell, ExperimentConfig, _references, cell_settings, run_cell,
 )
 from fsserve.sampling import stratified_sample
 
@@ -61,13 +60,6 @@ def config_for_cell(settings: dict[str, Any], data_dir: str | Path, out_dir: str
     return config, cell
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the server binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _agreement(a: list[Any], b: list[Any]) -> dict[str, Any]:
     """Rows on which two label lists agree."""
     same = sum(str(x) == str(y) for x, y in zip(a, b))
@@ -78,44 +70,22 @@ def _score(task: Any, predictions: list[Any], examples: list[Any]) -> float:
     """The task's metric for these predictions against the examples' gold labels."""
     from fsserve.metrics import compute_metric
 
-    gold = [float(ex.label) if task.is_regression else str(ex.label) for ex in examples]
-    return float(compute_metric(task.metric, predictions, gold))
+    return float(compute_metric(task.metric, predictions, _references(examples, task)))
 
 
 def serve_and_classify(bundle: Path, examples: list[Any], batch: int = 8, timeout: float = 300.0) -> list[str]:
     """Start ``fsserve serve BUNDLE`` in its own process, send the examples over gRPC in requests of ``batch`` rows, stop it."""
     from fsserve.serving.client import InferenceClient
+    from fsserve.serving.process import ServerProcess
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "fsserve", "serve", str(bundle), "--port", str(port), "--metrics-port", "-1"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        with InferenceClient(f"127.0.0.1:{port}", timeout=timeout) as client:
-            deadline = time.monotonic() + timeout
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"fsserve serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
-                try:
-                    if client.server_ready():
-                        break
-                except Exception:  # not listening yet
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"fsserve serve was not ready after {timeout:.0f} s")
-                time.sleep(0.5)
-            labels: list[str] = []
-            for start in range(0, len(examples), batch):
-                part = examples[start : start + batch]
-                texts_b = [ex.text_b for ex in part] if part[0].text_b is not None else None
-                labels.extend(client.classify(bundle.name, [ex.text for ex in part], texts_b).labels)
-            return labels
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with ServerProcess([str(bundle), "--port", "0", "--metrics-port", "-1"], timeout=timeout) as server, \
+            InferenceClient(f"127.0.0.1:{server.port}", timeout=timeout) as client:
+        labels: list[str] = []
+        for start in range(0, len(examples), batch):
+            part = examples[start : start + batch]
+            texts_b = [ex.text_b for ex in part] if part[0].text_b is not None else None
+            labels.extend(client.classify(bundle.name, [ex.text for ex in part], texts_b).labels)
+        return labels
 
 
 def served_check(cell_file: str | Path, data_dir: str | Path, work: str | Path, export_args: list[str] | None = None,
