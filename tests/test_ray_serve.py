@@ -68,7 +68,7 @@ def pair_bundle(tiny_lm: Callable[[str], tuple[Any, Any]], tmp_path_factory: pyt
 def ray_serve(bundle: Path, pair_bundle: Path) -> Iterator[dict[str, Any]]:
     """Two replicas (half a CPU each) of two models on a local Ray of 2 CPUs, HTTP and gRPC on free loopback ports."""
     config = RayServeConfig(models={MODEL: str(bundle), "rte": str(pair_bundle)}, num_replicas=2, replica_cpus=0.5, max_batch_size=16)
-    endpoints = start_ray_serve(config, http_port=_free_port(), grpc_port=_free_port(), num_cpus=2)
+    endpoints = start_ray_serve(config, http_port=_free_port(), grpc_port=_free_port(), num_cpus=2, request_timeout_s=15)
     node = ray._private.worker._global_node
     endpoints["session_dir"] = node.get_session_dir_path()
     endpoints["pids"] = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -151,6 +151,15 @@ def test_answers_equal_the_predictor_over_http_and_grpc(ray_serve: dict[str, Any
     with InferenceClient(ray_serve["grpc"], timeout=60) as client:
         result = client.classify(MODEL, request_rows(5))
     np.testing.assert_allclose(result.probs, reference.predict_proba(request_rows(5)), atol=1e-5)
+    import grpc
+
+    from fsserve.serving.client import build_infer_request
+    from fsserve.serving.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(ray_serve["grpc"]) as channel:  # the gRPC answer names its replica, as the HTTP header does
+        _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(build_infer_request(MODEL, request_rows(1)), timeout=60)
+    running = {name.rsplit("#", 1)[1] for name, _ in _replica_actors()}
+    assert dict(call.trailing_metadata()).get("fsserve-replica") in running, (call.trailing_metadata(), running)
 
 
 def test_tritonclient_http_binary_and_pairs(ray_serve: dict[str, Any], reference: Any, pair_bundle: Path) -> None:
@@ -234,8 +243,8 @@ def _wait_for_replacement(count: int, gone: tuple[str, str], timeout: float = 90
 def test_a_replica_killed_under_load(ray_serve: dict[str, Any], reference: Any) -> None:
     """Ray restarts the killed replica and routes around it; only the requests it held when it died are lost.
 
-    Ray Serve does not re-send a request whose replica dies while running it (its proxy answers 500),
-    so the loss is counted, not hidden: each failed request must have been in flight at the moment of
+    Ray Serve does not re-send a request whose replica dies while running it (its proxy answers 500,
+    or, now and then, holds it until the request timeout and answers 408), so the loss is counted, not hidden: each failed request must have been in flight at the moment of
     the kill, there can be no more of them than requests in flight, and sending each again (a
     classification is idempotent) gives the Predictor's answer. Every other request succeeds.
     """
@@ -258,7 +267,8 @@ def test_a_replica_killed_under_load(ray_serve: dict[str, Any], reference: Any) 
     assert len(answers) + len(failures) == len(ids) and len(answers) >= len(ids) - clients, failures
     killed_at, kill_returned = kill_window
     for i, failure in failures.items():
-        assert failure == "500 {'proxy': 'Internal Server Error'}", (i, failure)
+        # the proxy answers 500, or, when the request hung on the dead replica, 408 at its request timeout
+        assert failure == "500 {'proxy': 'Internal Server Error'}" or (failure.startswith("408 ") and "timed out" in failure), (i, failure)
         sent, answered = spans[i]
         assert sent < kill_returned and answered > killed_at, f"request {i} failed but was not in flight when the replica was killed"
     retried, still_failing = _load(port, sorted(failures), clients=1)
@@ -274,6 +284,17 @@ def test_a_replica_killed_under_load(ray_serve: dict[str, Any], reference: Any) 
     _check_answers(answers, reference)
     assert before[0][0].rsplit("#", 1)[1] not in {replica for _, replica in answers.values()}
     assert len({replica for _, replica in answers.values()}) == 2
+
+
+def test_the_proxies_carry_the_request_timeout(ray_serve: dict[str, Any], bundle: Path) -> None:
+    """Both proxies got start_ray_serve's request timeout (read back from Serve's controller: ray is pinned)."""
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    assert ray.get(controller.get_http_config.remote()).request_timeout_s == 15
+    assert ray.get(controller.get_grpc_config.remote()).request_timeout_s == 15
+    with pytest.raises(ValueError, match="request_timeout_s must not be negative"):
+        start_ray_serve(RayServeConfig(models={MODEL: str(bundle)}), request_timeout_s=-1)
 
 
 def test_shutdown_leaves_no_ray_process(ray_serve: dict[str, Any]) -> None:
@@ -308,7 +329,7 @@ def test_deploy_ray_command_serves_until_sigterm(bundle: Path, reference: Any, t
     log = tmp_path / "deploy.log"
     with open(log, "w") as err:
         process = subprocess.Popen([sys.executable, "-m", "fsserve", "deploy", "ray", f"{MODEL}={bundle}", "--autoscale", "1,2", "--num-cpus", "2",
-                                    "--http-port", str(port), "--grpc-port", "-1", "--replica-cpus", "0.5"],
+                                    "--http-port", str(port), "--grpc-port", "-1", "--replica-cpus", "0.5", "--request-timeout", "30"],
                                    stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         first = process.stdout.readline()  # type: ignore[union-attr]

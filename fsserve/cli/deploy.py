@@ -48,7 +48,8 @@ def cmd_deploy_ray(args: argparse.Namespace) -> int:
             intra_op_num_threads=args.threads, replica_cpus=args.replica_cpus, max_text_bytes=args.max_text_bytes,
         )
         endpoints = start_ray_serve(config, address=args.address, http_host=args.host, http_port=args.http_port,
-                                    grpc_port=None if args.grpc_port < 0 else args.grpc_port, num_cpus=args.num_cpus)
+                                    grpc_port=None if args.grpc_port < 0 else args.grpc_port, num_cpus=args.num_cpus,
+                                    request_timeout_s=args.request_timeout)
     except ImportError as exc:
         print(f"fsserve deploy: error: {exc}", file=sys.stderr)
         return 2
@@ -87,4 +88,6 @@ def add_deploy_parser(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
     p.add_argument("--max-text-bytes", type=int, default=8192, help="longest accepted text, in UTF-8 bytes")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="the proxies answer a request unanswered after this long with 408 / DEADLINE_EXCEEDED (0: no limit)")
     p.set_defaults(func=cmd_deploy_ray)

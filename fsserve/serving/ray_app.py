@@ -218,7 +218,12 @@ class FsserveReplica:
 
     # -- gRPC: Ray's proxy calls the KServe v2 methods by name ------------------------------------
     async def _grpc(self, grpc_context: Any, call: Any, *args: Any) -> Any:
-        """Run one servicer call; a ServingError sets its status code and message on Ray's gRPC context."""
+        """Run one servicer call; a ServingError sets its status code and message on Ray's gRPC context.
+
+        The answer's trailing metadata names the replica (``fsserve-replica``), as the HTTP header does.
+        """
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata([(REPLICA_HEADER, self.replica)])
         try:
             answer = call(*args)
             return await answer if asyncio.iscoroutine(answer) else answer
@@ -260,13 +265,21 @@ def build_app(config: RayServeConfig) -> Any:
 
 
 def start_ray_serve(config: RayServeConfig, address: str | None = None, http_host: str = "127.0.0.1", http_port: int = 8000,
-                    grpc_port: int | None = 9000, num_cpus: int | None = None) -> dict[str, Any]:
-    """Join the Ray cluster at ``address`` (or start a local one), start Serve's proxies and run the app; return the endpoints."""
+                    grpc_port: int | None = 9000, num_cpus: int | None = None, request_timeout_s: float | None = 60.0) -> dict[str, Any]:
+    """Join the Ray cluster at ``address`` (or start a local one), start Serve's proxies and run the app; return the endpoints.
+
+    ``request_timeout_s``: the proxies answer a request still unanswered after this long with HTTP 408
+    or DEADLINE_EXCEEDED instead of holding it (a request can hang on a replica that died under it);
+    None or 0: no limit.
+    """
+    if request_timeout_s is not None and request_timeout_s < 0:
+        raise ValueError(f"request_timeout_s must not be negative, got {request_timeout_s}")
+    timeout = {"request_timeout_s": request_timeout_s} if request_timeout_s else {}
     ray, serve = require_ray()
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False, log_to_driver=False)
-    grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port is not None else None
-    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
+    grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], **timeout} if grpc_port is not None else None
+    serve.start(http_options={"host": http_host, "port": http_port, **timeout}, grpc_options=grpc_options)
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     logger.info("event=ray_serve_running models=%s http=%s:%d grpc=%s", ",".join(config.models), http_host, http_port, grpc_port)
     return {"http": f"http://{http_host}:{http_port}", "grpc": None if grpc_port is None else f"{http_host}:{grpc_port}",
