@@ -272,7 +272,7 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
         return Predictor.from_model(PromptModel.from_pretrained(root / TORCH_DIR), device=device, batch_size=batch_size, **kwargs)
     if backend != "onnx":
         raise ValueError(f"unknown backend {backend!r}: use 'onnx' or 'torch'")
-    encode, num_sentences = bundle_encoder(root, config)
+    encode, num_sentences = bundle_encoder(root, config, kwargs.get("intra_op_num_threads"))
     runner = OnnxBackend(root / config["manifest"]["graph"], device=device, **onnx_options(root, device, kwargs))
     prompt_config = PromptConfig.from_dict(config["prompt"])
     finetuned = config.get("method") == "finetune"
@@ -280,8 +280,11 @@ def load_bundle_predictor(path: str | Path, backend: str = "onnx", device: str |
                      num_sentences, batch_size, finetune_regression=finetuned and prompt_config.is_regression)
 
 
-def bundle_encoder(root: str | Path, config: dict[str, Any]) -> tuple[Callable[[Sequence[Any]], list[Any]], int]:
-    """A (non-ensemble) bundle's ``encode(rows)`` and sentence count, torch-free and without its graph (Triton's preprocessing step reuses it)."""
+def bundle_encoder(root: str | Path, config: dict[str, Any], num_threads: int | None = None) -> tuple[Callable[[Sequence[Any]], list[Any]], int]:
+    """A (non-ensemble) bundle's ``encode(rows)`` and sentence count, torch-free and without its graph (Triton's preprocessing step reuses it).
+
+    ``num_threads`` bounds the demonstration encoder's onnxruntime threads, as ``intra_op_num_threads`` does the graph's.
+    """
     root = Path(root)
     tokenizer = BundleTokenizer.from_folder(root / TOKENIZER_DIR, config["tokenizer"])
     prompt_config = PromptConfig.from_dict(config["prompt"])
@@ -298,17 +301,17 @@ def bundle_encoder(root: str | Path, config: dict[str, Any]) -> tuple[Callable[[
             return encode_plain(tokenizer, examples, num_sentences, max_length, config["kind"])
     if config["manifest"].get("demos"):
         demo_config = DemoConfig.from_dict((config.get("demos") or {}).get("config") or {})
-        encode = demo_encoder(prompt, load_bundle_demos(root), demo_config)
+        encode = demo_encoder(prompt, load_bundle_demos(root, num_threads), demo_config)
     return encode, num_sentences
 
 
-def load_bundle_demos(path: str | Path) -> Any:
-    """The bundle's demonstration index (fsserve.demos.DemoIndex), or None when it has none."""
+def load_bundle_demos(path: str | Path, num_threads: int | None = None) -> Any:
+    """The bundle's demonstration index (fsserve.demos.DemoIndex), or None when it has none; ``num_threads``: its ONNX encoder's."""
     root = Path(path)
     manifest = verify_bundle(root)
     if not manifest.get("demos"):
         return None
-    return DemoIndex.load(root / manifest["demos"])
+    return DemoIndex.load(root / manifest["demos"], num_threads=num_threads)
 
 
 def load_ensemble_predictor(root: str | Path, config: dict[str, Any], backend: str = "onnx", device: str | None = None, batch_size: int = 32, **kwargs: Any) -> EnsemblePredictor:

@@ -162,6 +162,28 @@ def test_a_bundle_serves_the_demo_format_it_was_trained_with(tiny_lm, pool_index
     np.testing.assert_allclose(onnx.label_logits(texts), expected, atol=1e-4)
 
 
+def test_the_bundle_encoder_keeps_to_the_predictors_threads(tiny_lm, pool_index: DemoIndex, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """intra_op_num_threads bounds the demonstration encoder too (a Ray replica of one CPU must not spawn one thread per core)."""
+    from fsserve.predictor import load_bundle_demos
+
+    model = _model(tiny_lm, "gemma")
+    model.attach_demos(pool_index, DemoConfig())
+    bundle = model.export(tmp_path / "bundle")
+    threads = lambda index: index._encoder.session.get_session_options().intra_op_num_threads  # noqa: E731
+    assert threads(load_bundle_demos(bundle, 1)) == 1 and threads(load_bundle_demos(bundle)) == 0  # 0: onnxruntime's default
+    seen: list[int | None] = []
+    real = load_bundle_demos
+
+    def spy(path: Path, num_threads: int | None = None) -> DemoIndex:
+        seen.append(num_threads)
+        return real(path, num_threads)
+
+    monkeypatch.setattr("fsserve.predictor.load_bundle_demos", spy)
+    Predictor.from_pretrained(bundle, backend="onnx", intra_op_num_threads=1)
+    assert seen == [1]
+
+
 @pytest.mark.parametrize("mode", ["similar", "random"])
 def test_sampled_evaluation_draws_per_query_and_the_bundle_averages_the_same_draws(tiny_lm, pool_index: DemoIndex, tmp_path: Path,
                                                                                   mode: str) -> None:

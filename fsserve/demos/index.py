@@ -198,8 +198,8 @@ class DemoIndex:
 
     @classmethod
     def load(cls, directory: str | Path, *, encoder: str | None = None, device: str | None = None,
-             batch_size: int = 64) -> DemoIndex:
-        """Load a saved index without re-embedding, refusing it when any file disagrees with its meta."""
+             batch_size: int = 64, num_threads: int | None = None) -> DemoIndex:
+        """Load a saved index without re-embedding, refusing it when any file disagrees with its meta (``num_threads``: the ONNX encoder's)."""
         import faiss
 
         root = Path(directory)
@@ -233,7 +233,7 @@ class DemoIndex:
         if (root / ENCODER_DIR).is_dir() and not self.device.startswith("cuda"):  # on a GPU the torch encoder is the fast one
             from fsserve.demos.onnx_encoder import OnnxSentenceEncoder
 
-            self._encoder = OnnxSentenceEncoder(root / ENCODER_DIR)
+            self._encoder = OnnxSentenceEncoder(root / ENCODER_DIR, num_threads)
             if self._encoder.name != self.encoder_name:
                 raise ValueError(f"{root / ENCODER_DIR} holds {self._encoder.name!r}, but the pool was embedded with {self.encoder_name!r}")
         self._append(examples, None)

@@ -157,6 +157,12 @@ class FsserveReplica:
         from fsserve.predictor import Predictor
 
         self.replica = serve.get_replica_context().replica_id.unique_id
+        try:  # a replica's FAISS searches stay within the threads it was given, as onnxruntime's do
+            import faiss
+
+            faiss.omp_set_num_threads(config.intra_op_num_threads)
+        except ImportError:
+            pass
         models = {}
         for name, path in config.models.items():
             start = time.perf_counter()
