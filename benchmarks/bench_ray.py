@@ -31,6 +31,7 @@ from bench_grpc import finish, percentiles
 
 from fsserve.bench.report import machine_info
 from fsserve.bench.timing import load_texts
+from fsserve.serving.ray_app import REPLICA_HEADER, RayServeConfig, build_app, start_ray_serve, stop_ray_serve
 
 MODEL = "sst2"
 
@@ -100,7 +101,7 @@ async def _load(port: int, texts: list[str], expected: dict[int, np.ndarray], co
             async def send_grpc(batch: list[str]) -> tuple[np.ndarray, str]:
                 call = stub.ModelInfer(build_infer_request(MODEL, batch), timeout=600)
                 answer = await call
-                return parse_infer_response(answer).probs, dict(await call.trailing_metadata() or ()).get("fsserve-replica", "")
+                return parse_infer_response(answer).probs, dict(await call.trailing_metadata() or ()).get(REPLICA_HEADER, "")
 
             await asyncio.gather(*(client(send_grpc) for _ in range(concurrency)))
     else:
@@ -118,7 +119,7 @@ async def _load(port: int, texts: list[str], expected: dict[int, np.ndarray], co
                         raise RuntimeError(f"{response.status} {answer[:200]!r}")
                     output = json.loads(answer)["outputs"][0]
                     probs = np.reshape(np.asarray(output["data"], dtype=np.float32), output["shape"])
-                    return probs, response.headers.get("fsserve-replica", "")
+                    return probs, response.headers.get(REPLICA_HEADER, "")
 
             await asyncio.gather(*(client(send_http) for _ in range(concurrency)))
     wall = time.perf_counter() - wall
@@ -216,7 +217,6 @@ def main() -> None:
     if not args.bundle:
         raise SystemExit("give a bundle, or --make-bundle DIR to write one")
     from fsserve.predictor import Predictor
-    from fsserve.serving.ray_app import RayServeConfig, build_app, start_ray_serve, stop_ray_serve
 
     texts, source = load_texts(args.texts)
     texts = texts[:256]
@@ -237,8 +237,9 @@ def main() -> None:
 
     from ray import serve
 
-    port = 9000 if args.protocol == "grpc" else 8000
-    start_ray_serve(config(1), http_port=8000, grpc_port=9000 if args.protocol == "grpc" else None, num_cpus=args.num_cpus)
+    grpc_port = 9000 if args.protocol == "grpc" else None
+    port = grpc_port or 8000  # the load goes through the proxy of the chosen protocol
+    start_ray_serve(config(1), http_port=8000, grpc_port=grpc_port, num_cpus=args.num_cpus)
     try:
         for round_ in range(args.rounds):
             for replicas in (1, 2):

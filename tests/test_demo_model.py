@@ -170,7 +170,10 @@ def test_the_bundle_encoder_keeps_to_the_predictors_threads(tiny_lm, pool_index:
     model = _model(tiny_lm, "gemma")
     model.attach_demos(pool_index, DemoConfig())
     bundle = model.export(tmp_path / "bundle")
-    threads = lambda index: index._encoder.session.get_session_options().intra_op_num_threads  # noqa: E731
+
+    def threads(index: DemoIndex) -> int:
+        return index._encoder.session.get_session_options().intra_op_num_threads
+
     assert threads(load_bundle_demos(bundle, 1)) == 1 and threads(load_bundle_demos(bundle)) == 0  # 0: onnxruntime's default
     seen: list[int | None] = []
     real = load_bundle_demos

@@ -159,7 +159,7 @@ def test_answers_equal_the_predictor_over_http_and_grpc(ray_serve: dict[str, Any
     with grpc.insecure_channel(ray_serve["grpc"]) as channel:  # the gRPC answer names its replica, as the HTTP header does
         _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(build_infer_request(MODEL, request_rows(1)), timeout=60)
     running = {name.rsplit("#", 1)[1] for name, _ in _replica_actors()}
-    assert dict(call.trailing_metadata()).get("fsserve-replica") in running, (call.trailing_metadata(), running)
+    assert dict(call.trailing_metadata()).get(REPLICA_HEADER) in running, (call.trailing_metadata(), running)
 
 
 def test_tritonclient_http_binary_and_pairs(ray_serve: dict[str, Any], reference: Any, pair_bundle: Path) -> None:
