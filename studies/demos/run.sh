@@ -30,7 +30,7 @@ declare -A LEVELS=(
   [no-label]="--no-demo-label-after"
   [len512]="--demo-max-length 512"
 )
-ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline two-per-class no-label order-shuffle filter1 lr2e-5 lr5e-5 len512)
+ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline no-label order-shuffle filter1 lr2e-5 lr5e-5 len512 two-per-class)  # two-per-class last: twice the tokens
 
 run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test
   local extra; read -r -a extra <<<"${LEVELS[$2]}"
