@@ -34,6 +34,7 @@ import numpy as np
 from bench_head import cpu_model  # the benchmarks' one CPU-name helper (this folder is on sys.path)
 from fsserve.data import load_split
 from fsserve.demos import DemoIndex
+from fsserve.sampling import stratified_sample
 from fsserve.utils.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> dict:
     train = load_split("SST-2", SST2 / "train.tsv")
     rng = np.random.default_rng(0)
     pool = [train[i] for i in sorted(rng.choice(len(train), size=args.pool_size, replace=False))]
-    queries = [ex.text for ex in load_split("SST-2", SST2 / "dev.tsv")][: max(args.queries, 64)]
+    # a seeded, class-stratified sample of dev (never the first rows: agreement is counted on it too)
+    dev = load_split("SST-2", SST2 / "dev.tsv")
+    queries = [ex.text for ex in stratified_sample(dev, max(args.queries, 64), 0, "SST-2").examples]
     index, build = build_or_load(pool, Path(args.cache), args.rebuild)
     index.select(queries[:4], mode="top1")  # warm-up: encoder, FAISS, allocator
 

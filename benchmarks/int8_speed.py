@@ -8,12 +8,13 @@ import numpy as np
 import onnxruntime as ort
 from fsserve.data import load_examples
 from fsserve.exporters import onnx as ox
+from fsserve.sampling import stratified_sample
 from fsserve.modeling import PromptModel
 task, graphs = sys.argv[1], sys.argv[2:]
 model = PromptModel.from_pretrained(f"runs/q/{task}/model").eval()
 ex = load_examples(f"runs/q/{task}/eval.jsonl")
 b1 = ox.text_batches(model, ex[::len(ex) // 24][:24], 1)
-b32 = ox.text_batches(model, ex[:96], 32)
+b32 = ox.text_batches(model, stratified_sample(ex, 96, 0).examples, 32)  # seeded, class-stratified
 sessions = []
 for g in graphs:
     o = ort.SessionOptions(); o.intra_op_num_threads = 2
