@@ -6,7 +6,10 @@
 # >= 500-example stratified test samples. Every cell is cached under studies/demos/<level>/cells and
 # committed, so the study resumes where it stopped (no finished cell is recomputed).
 #   studies/demos/run.sh phase1 [LEVEL...]   # default: every level, in the order below
-#   studies/demos/run.sh phase2 LEVEL        # the chosen level, on the four tasks
+#   studies/demos/run.sh phase2 LEVEL [METHODS]  # the chosen level, on the four tasks, into studies/demos/phase2
+# Phase 2 has one folder for the one chosen level. Prompt FT and standard FT cells do not read the
+# demonstration options (their cache key leaves them out), so with lr and steps chosen they can run
+# before the demonstration format is: `run.sh phase2 base prompt,finetune`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FS="${FSSERVE:-.venv/bin/fsserve}"
@@ -32,9 +35,10 @@ declare -A LEVELS=(
 )
 ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline no-label order-shuffle filter1 lr2e-5 lr5e-5 len512 two-per-class)  # two-per-class last: twice the tokens
 
-run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test
+run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test, $5 output folder (default: the level's)
+  [ -n "${LEVELS[$2]+set}" ] || { echo "unknown level: $2 (one of: ${!LEVELS[*]})" >&2; exit 2; }
   local extra; read -r -a extra <<<"${LEVELS[$2]}"
-  "$FS" experiment --tasks "$1" --methods "$3" --seeds "$SEEDS" --max-test "$4" "${BASE[@]}" "${extra[@]}" --out "studies/demos/$2"
+  "$FS" experiment --tasks "$1" --methods "$3" --seeds "$SEEDS" --max-test "$4" "${BASE[@]}" "${extra[@]}" --out "studies/demos/${5:-$2}"
 }
 
 case "${1:-phase1}" in
@@ -47,6 +51,7 @@ case "${1:-phase1}" in
       run_level SST-2,trec "$level" "$methods" 100
     done ;;
   phase2)
-    run_level SST-2,sst-5,trec,RTE "$2" prompt,prompt-demo-similar,finetune 500 ;;
-  *) echo "usage: $0 phase1 [LEVEL...] | phase2 LEVEL" >&2; exit 2 ;;
+    [ $# -ge 2 ] || { echo "usage: $0 phase2 LEVEL [METHODS]" >&2; exit 2; }
+    run_level SST-2,sst-5,trec,RTE "$2" "${3:-prompt,prompt-demo-similar,finetune}" 500 phase2 ;;
+  *) echo "usage: $0 phase1 [LEVEL...] | phase2 LEVEL [METHODS]" >&2; exit 2 ;;
 esac
