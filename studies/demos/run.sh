@@ -15,6 +15,10 @@ cd "$(dirname "$0")/../.."
 FS="${FSSERVE:-.venv/bin/fsserve}"
 SEEDS=13,21,42
 BASE=(--max-steps 100 --eval-steps 25 --lr 1e-5 --batch-size 8 --freeze-embeddings --num-sample 4 --filter-rate 0.5 --demo-max-length 256)
+# Phase 2's lengths follow the prompts' token counts (studies/demos/lengths.py -> lengths.json; no score read):
+# 128 tokens cut 13-14% of RTE's plain prompts, 256 cut 0.3%; with one demonstration per class 256 cut
+# 14-40% of RTE's prompts, 512 at most 0.3%. SST-2 and trec never reach 256 (so len512 = base there).
+PHASE2=(--max-length 256 --demo-max-length 512)
 
 # level name -> the options that differ from BASE (one factor at a time)
 declare -A LEVELS=(
@@ -35,10 +39,11 @@ declare -A LEVELS=(
 )
 ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline no-label order-shuffle filter1 lr2e-5 lr5e-5 len512 two-per-class)  # two-per-class last: twice the tokens
 
-run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test, $5 output folder (default: the level's)
+run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test, $5 output folder (default: the level's), $6... options after BASE
   [ -n "${LEVELS[$2]+set}" ] || { echo "unknown level: $2 (one of: ${!LEVELS[*]})" >&2; exit 2; }
-  local extra; read -r -a extra <<<"${LEVELS[$2]}"
-  "$FS" experiment --tasks "$1" --methods "$3" --seeds "$SEEDS" --max-test "$4" "${BASE[@]}" "${extra[@]}" --out "studies/demos/${5:-$2}"
+  local tasks=$1 level=$2 methods=$3 max_test=$4 out=${5:-$2}; shift 5 || shift $#
+  local extra; read -r -a extra <<<"${LEVELS[$level]}"
+  "$FS" experiment --tasks "$tasks" --methods "$methods" --seeds "$SEEDS" --max-test "$max_test" "${BASE[@]}" "$@" "${extra[@]}" --out "studies/demos/$out"
 }
 
 case "${1:-phase1}" in
@@ -52,6 +57,6 @@ case "${1:-phase1}" in
     done ;;
   phase2)
     [ $# -ge 2 ] || { echo "usage: $0 phase2 LEVEL [METHODS]" >&2; exit 2; }
-    run_level SST-2,sst-5,trec,RTE "$2" "${3:-prompt,prompt-demo-similar,finetune}" 500 phase2 ;;
+    run_level SST-2,sst-5,trec,RTE "$2" "${3:-prompt,prompt-demo-similar,finetune}" 500 phase2 "${PHASE2[@]}" ;;
   *) echo "usage: $0 phase1 [LEVEL...] | phase2 LEVEL [METHODS]" >&2; exit 2 ;;
 esac
