@@ -16,9 +16,10 @@ FS="${FSSERVE:-.venv/bin/fsserve}"
 SEEDS=13,21,42
 BASE=(--max-steps 100 --eval-steps 25 --lr 1e-5 --batch-size 8 --freeze-embeddings --num-sample 4 --filter-rate 0.5 --demo-max-length 256)
 # Phase 2's lengths follow the prompts' token counts (studies/demos/lengths.py -> lengths.json; no score read):
-# 128 tokens cut 13-14% of RTE's plain prompts, 256 cut 0.3%; with one demonstration per class 256 cut
-# 14-40% of RTE's prompts, 512 at most 0.3%. SST-2 and trec never reach 256 (so len512 = base there).
-PHASE2=(--max-length 256 --demo-max-length 512)
+# 128 tokens cut 13-14% of RTE's plain prompts, 256 cut 0.3%; with demonstrations 256 cut 14-40% of RTE's
+# prompts (one per class) and 512 up to 14% (two per class; sst-5's longest is 408); 768 cuts none (RTE's
+# longest is 704). SST-2 and trec never reach 256 (so len512 = base there). Batches pad to their longest.
+PHASE2=(--max-length 256 --demo-max-length 768)
 
 # level name -> the options that differ from BASE (one factor at a time)
 declare -A LEVELS=(
@@ -36,8 +37,10 @@ declare -A LEVELS=(
   [two-per-class]="--demos-per-class 2 --demo-max-length 384"
   [no-label]="--no-demo-label-after"
   [len512]="--demo-max-length 512"
+  # draws1 and two-per-class passed the choice rule (README): their combination, checked on dev before phase 2
+  [chosen]="--num-sample 1 --demos-per-class 2"
 )
-ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline no-label order-shuffle filter1 lr2e-5 lr5e-5 len512 two-per-class)  # two-per-class last: twice the tokens
+ORDER=(base draws1 draws16 steps20 steps300 order-similar-last sep-newline no-label order-shuffle filter1 lr2e-5 lr5e-5 len512 two-per-class chosen)  # two-per-class last: twice the tokens
 
 run_level() {  # $1 phase tasks, $2 level, $3 methods, $4 max-test, $5 output folder (default: the level's), $6... options after BASE
   [ -n "${LEVELS[$2]+set}" ] || { echo "unknown level: $2 (one of: ${!LEVELS[*]})" >&2; exit 2; }
