@@ -1,12 +1,15 @@
 """Summarise the demonstrations study's cached cells: phase 1 by dev score, phase 2 by test score.
 
 Reads every ``studies/demos/<level>/cells/<task>/<method>/seed-*.json`` that ``run.sh`` left and prints
-markdown: for each level and method, the mean dev score per task over the seeds done (with their
-count), the mean over tasks, and its difference to the base level's prompt-demo-similar cells.
-Phase 1 choices read only the dev columns; the test columns are there for phase 2's levels.
+markdown. Phase 1 (every level but ``phase2``): for each level and method, the mean dev score per task
+over the seeds done (with their count), the mean over tasks, and its paired difference to the base
+level's prompt-demo-similar cells; choices read only this table. Phase 2 (``studies/demos/phase2``):
+mean dev and test score per task and method, and the issue's two targets on the test means
+(demonstrations - prompt FT >= +1, prompt FT - standard FT >= +10, averaged over the tasks all three
+methods have).
 
-    .venv/bin/python studies/demos/summarize.py            # every level
-    .venv/bin/python studies/demos/summarize.py --test     # add mean test scores (phase 2 only)
+    .venv/bin/python studies/demos/summarize.py            # phase 1's dev table, then phase 2's
+    .venv/bin/python studies/demos/summarize.py --test     # phase 1's test means too (never read for a choice)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+PHASE2_TASKS = ("SST-2", "sst-5", "trec", "RTE")
+PHASE2_METHODS = ("prompt", "prompt-demo-similar", "finetune")
 
 
 def load_cells(root: Path = ROOT) -> dict[tuple[str, str, str], list[dict]]:
@@ -58,16 +63,52 @@ def table(cells: dict[tuple[str, str, str], list[dict]], score: str = "dev") -> 
     return "\n".join(lines)
 
 
+def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
+    """Phase 2: dev and test means per task and method, and the two targets on the test means."""
+    done = {(task, method) for level, task, method in cells if level == "phase2"}
+    tasks = [t for t in PHASE2_TASKS if any(task == t for task, _ in done)]
+    methods = [m for m in PHASE2_METHODS if any(method == m for _, method in done)]
+    lines = ["| method | " + " | ".join(f"{t} dev / test (seeds)" for t in tasks) + " | mean test |",
+             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+    means: dict[str, dict[str, float]] = {}
+    for method in methods:
+        cols = []
+        for task in tasks:
+            got = cells.get(("phase2", task, method), [])
+            if not got:
+                cols.append("—")
+                continue
+            dev, test = (100 * statistics.mean(c[k] for c in got) for k in ("dev", "test"))
+            means.setdefault(method, {})[task] = test
+            cols.append(f"{dev:.1f} / {test:.1f} ({len(got)})")
+        scored = means.get(method, {})
+        mean = f"{statistics.mean(scored.values()):.1f}" if len(scored) == len(PHASE2_TASKS) else "—"
+        lines.append(f"| {method} | {' | '.join(cols)} | {mean} |")
+    for better, worse, need in (("prompt-demo-similar", "prompt", 1.0), ("prompt", "finetune", 10.0)):
+        shared = [t for t in tasks if t in means.get(better, {}) and t in means.get(worse, {})]
+        if shared:
+            gap = statistics.mean(means[better][t] - means[worse][t] for t in shared)
+            verdict = "met" if gap >= need else "missed"
+            if len(shared) < len(PHASE2_TASKS):
+                verdict += f" so far, {len(shared)} of {len(PHASE2_TASKS)} tasks"
+            lines.append(f"\n{better} - {worse} over {', '.join(shared)}: {gap:+.1f} (target >= +{need:g}: {verdict})")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """Print the dev table (and the test table with --test)."""
+    """Print phase 1's dev table (its test table with --test), then phase 2's."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--test", action="store_true", help="also print mean test scores (read them for phase 2 only)")
+    parser.add_argument("--test", action="store_true", help="also print phase 1's mean test scores (no choice reads them)")
     args = parser.parse_args()
     cells = load_cells()
-    print(table(cells, "dev"))
+    phase1 = {key: got for key, got in cells.items() if key[0] != "phase2"}
+    print(table(phase1, "dev"))
     if args.test:
         print()
-        print(table(cells, "test"))
+        print(table(phase1, "test"))
+    if any(key[0] == "phase2" for key in cells):
+        print()
+        print(phase2_table(cells))
 
 
 if __name__ == "__main__":
