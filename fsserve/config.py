@@ -103,6 +103,12 @@ DEMO_MODES = ("random", "similar", "top1")
 DEMO_ORDERS = ("class", "shuffle", "similar-last")
 
 
+# Prompt length with demonstrations (the CLI's default when --demos is on): the demonstrations study's phase 2
+# length, which cuts no prompt of SST-2, sst-5, trec or RTE even with two demonstrations per class (RTE's
+# longest is 704 tokens; studies/demos/lengths.json). Batches pad to their longest prompt, so short tasks pay nothing.
+DEMO_MAX_LENGTH = 768
+
+
 @dataclass
 class DemoConfig(_JsonConfig):
     """How demonstrations are drawn and laid out: fresh per example and step in training, ``top1`` by default at prediction.

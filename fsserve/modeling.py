@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from fsserve.config import ADAPTATION_METHODS, DemoConfig, PromptConfig
+from fsserve.config import ADAPTATION_METHODS, DEMO_MAX_LENGTH, DemoConfig, PromptConfig
 from fsserve.heads import ClassificationHead, LabelWordHead, mlm_head_parts, tracing
 from fsserve.prompts import Encoded, Prompt
 from fsserve.utils.atomic import atomic_directory, write_json_atomic
@@ -115,6 +116,25 @@ class PromptModel(nn.Module):
             self.demo_prompt = None
         self.demo_index = index
         self.demo_config = config or self.demo_config
+        if index is not None and len(index):
+            self._warn_if_demos_cut()
+
+    def _warn_if_demos_cut(self, most: int = 256) -> None:
+        """Warn when max_length cuts the pool's own prompts with demonstrations: a silent cut costs accuracy."""
+        index, config = self.demo_index, self.demo_config
+        rows = np.unique(np.linspace(0, len(index) - 1, num=min(most, len(index))).astype(int))
+        try:
+            encoded = self.demo_prompt.encode_selected(index, [index.examples[i] for i in rows], "top1", config.filter_rate,
+                                                       embeddings=index.embeddings[rows])
+        except ValueError as err:  # a pool member never demonstrates itself: a class of one has nothing left to check with
+            logger.debug("demonstration length not checked: %s", err)
+            return
+        cut = sum(e.cut > 0 for e in encoded)
+        if cut:
+            longest = max(len(e.input_ids) + e.cut for e in encoded)
+            logger.warning("max_length %d cuts %d of %d training prompts with demonstrations (the longest needs %d tokens): "
+                           "their sentences are truncated; raise the prompt's max_length (fsserve.config.DEMO_MAX_LENGTH is %d)",
+                           self.prompt_config.max_length, cut, len(encoded), longest, DEMO_MAX_LENGTH)
     # -- loading and saving ---------------------------------------------------------------
     @classmethod
     def from_pretrained(

@@ -129,7 +129,9 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt")
     g.add_argument("--template", help='e.g. "{sent_0} It was {mask}." or "*cls**sent_0*_It_was*mask*.*sep+*"')
     g.add_argument("--label-words", help='e.g. "0:terrible,1:great" (use | for several words: "1:great|good")')
-    g.add_argument("--max-length", type=int, default=128)
+    g.add_argument("--max-length", type=int,
+                   help="prompt length in tokens (default: 128, LM-BFF's; with --demos, fsserve.config.DEMO_MAX_LENGTH, "
+                        "768, within the LM's position table)")
 
 
 def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
@@ -203,7 +205,24 @@ def prompt_config(args: argparse.Namespace, task: Any, kind: str) -> Any:
     words: Any = parse_label_words(args.label_words) if args.label_words else dict(task.label_words)
     labels = list(task.labels) if task is not None and not args.label_words else list(words)
     regression = list(task.label_range) if task is not None and task.is_regression else None
-    return PromptConfig(template=template, label_words=words, labels=labels, max_length=args.max_length, regression_range=regression)
+    return PromptConfig(template=template, label_words=words, labels=labels, max_length=default_max_length(args),
+                        regression_range=regression)
+
+
+def default_max_length(args: argparse.Namespace) -> int:
+    """--max-length, else 128 (LM-BFF) or, with demonstrations, a length that does not cut them (capped by the LM)."""
+    if args.max_length is not None:
+        return int(args.max_length)
+    if getattr(args, "demos", "none") == "none":
+        return 128
+    from transformers import AutoConfig
+
+    from fsserve.config import DEMO_MAX_LENGTH
+    from fsserve.embedded import resolve_model_path
+
+    limit = getattr(AutoConfig.from_pretrained(resolve_model_path(args.model)), "max_position_embeddings", None)
+    # RoBERTa's table holds two offset rows beyond its 512 positions: leave room for them.
+    return DEMO_MAX_LENGTH if limit is None else min(DEMO_MAX_LENGTH, int(limit) - 2)
 
 
 def model_kind(name: str) -> str:

@@ -31,6 +31,7 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int]
     answer_pos: int
+    cut: int = 0  # sentence tokens truncation dropped (max_length, sentence limits); plain encoding leaves 0
 
 
 class Prompt:
@@ -178,6 +179,7 @@ class Prompt:
             if limit is not None:
                 lengths[j] = min(lengths[j], limit)
         lengths = _fit_lengths(lengths, budget)
+        cut = sum(len(pieces[i][1]) for i in sent_idx) - sum(lengths)
         ids: list[int] = list(prefix)
         types: list[int] = [0] * len(prefix)
         segment = 0
@@ -196,7 +198,7 @@ class Prompt:
         types.extend([segment] * len(suffix))
         if self.kind == "causal":
             answer = len(ids) - 1
-        return Encoded(input_ids=ids, token_type_ids=types, answer_pos=answer)
+        return Encoded(input_ids=ids, token_type_ids=types, answer_pos=answer, cut=cut)
 
 
 def _fit_lengths(lengths: list[int], budget: int) -> list[int]:

@@ -1,0 +1,72 @@
+"""Prompt length with demonstrations: truncation is counted, a cutting max_length is warned about, the CLI sizes it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from fsserve.cli.args import default_max_length
+from fsserve.cli.main import build_parser
+from fsserve.config import DEMO_MAX_LENGTH, DemoConfig, PromptConfig
+from fsserve.data import Example
+from fsserve.demos import DemoIndex
+from fsserve.modeling import PromptModel
+from fsserve.prompts import Prompt
+
+LONG = " ".join(["a slow, muddled and overlong drama that never finds its story"] * 4)
+POOL = [Example(LONG, label="0"), Example("dull and tired", label="0"),
+        Example(LONG.replace("slow", "warm"), label="1"), Example("a lovely film", label="1")]
+
+
+@pytest.fixture(scope="module")
+def pool_index() -> DemoIndex:
+    return DemoIndex(POOL, labels=["0", "1"])
+
+
+def test_encoded_counts_the_sentence_tokens_truncation_dropped(minilm_tokenizer) -> None:
+    words = {"0": "terrible", "1": "great"}
+    full = Prompt(PromptConfig("{sent_0} It was {mask}.", words, max_length=128), minilm_tokenizer, "mlm").encode([LONG])[0]
+    short = Prompt(PromptConfig("{sent_0} It was {mask}.", words, max_length=24), minilm_tokenizer, "mlm").encode([LONG])[0]
+    assert full.cut == 0
+    assert len(short.input_ids) == 24
+    assert short.cut == len(full.input_ids) - len(short.input_ids) > 0
+
+
+@pytest.mark.parametrize(("max_length", "warned"), ((48, True), (256, False)))
+def test_attaching_demos_warns_when_max_length_cuts_the_pool_prompts(tiny_lm, pool_index: DemoIndex, caplog,
+                                                                      max_length: int, warned: bool) -> None:
+    lm, tok = tiny_lm("bert")
+    model = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=max_length))
+    with caplog.at_level(logging.WARNING, logger="fsserve.modeling"):
+        model.attach_demos(pool_index, DemoConfig())
+    cuts = [r.getMessage() for r in caplog.records if "training prompts with demonstrations" in r.getMessage()]
+    assert bool(cuts) is warned
+    if warned:
+        assert cuts[0].startswith(f"max_length {max_length} cuts 4 of 4 ")
+
+
+def test_cli_length_is_lmbffs_without_demos_and_fits_them_with(tiny_lm_dir) -> None:
+    model = str(tiny_lm_dir("bert"))  # its position table: 256
+    parse = build_parser().parse_args
+    assert default_max_length(parse(["train", "--task", "SST-2", "--out", "x", "--model", model])) == 128
+    assert default_max_length(parse(["train", "--task", "SST-2", "--out", "x", "--model", model, "--demos", "similar"])) == 254
+    assert default_max_length(parse(["train", "--task", "SST-2", "--out", "x", "--model", model, "--demos", "similar", "--max-length", "300"])) == 300
+
+
+def test_cli_demo_length_is_the_studys_when_the_lm_has_room(tmp_path: Path, tiny_lm) -> None:
+    lm, tok = tiny_lm("gemma")
+    lm.config.max_position_embeddings = 4096
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    args = build_parser().parse_args(["train", "--task", "trec", "--out", "x", "--model", str(tmp_path), "--demos", "similar"])
+    assert default_max_length(args) == DEMO_MAX_LENGTH == 768
+
+
+def test_a_pool_of_one_per_class_attaches_without_a_length_check(tiny_lm) -> None:
+    lm, tok = tiny_lm("bert")
+    model = PromptModel(lm, tok, PromptConfig("{sent_0} It was {mask}.", {"0": "terrible", "1": "great"}, max_length=48))
+    index = DemoIndex([POOL[1], POOL[3]], labels=["0", "1"])  # each member's own class has nothing else to show
+    model.attach_demos(index, DemoConfig())
+    assert model.encode(["a new film"])[0].cut == 0
