@@ -107,6 +107,9 @@ DEMO_ORDERS = ("class", "shuffle", "similar-last")
 # length, which cuts no prompt of SST-2, sst-5, trec or RTE even with two demonstrations per class (RTE's
 # longest is 704 tokens; studies/demos/lengths.json). Batches pad to their longest prompt, so short tasks pay nothing.
 DEMO_MAX_LENGTH = 768
+# Demonstrations of each class per prompt for `fsserve train/eval --demos` (DemoConfig keeps LM-BFF's 1): the
+# study's dev choice, +1.6 over one per class on SST-2 and trec (docs/results.md, "The demonstrations study").
+DEMO_PER_CLASS = 2
 
 
 @dataclass

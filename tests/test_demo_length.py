@@ -1,4 +1,4 @@
-"""Prompt length with demonstrations: truncation is counted, a cutting max_length is warned about, the CLI sizes it."""
+"""Demonstrations by default: truncation counted, a cutting max_length warned about, the CLI sizing the prompt and its demonstrations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from fsserve.cli.args import default_max_length
 from fsserve.cli.main import build_parser
-from fsserve.config import DEMO_MAX_LENGTH, DemoConfig, PromptConfig
+from fsserve.config import DEMO_MAX_LENGTH, DEMO_PER_CLASS, DemoConfig, PromptConfig
 from fsserve.data import Example
 from fsserve.demos import DemoIndex
 from fsserve.modeling import PromptModel
@@ -70,3 +70,11 @@ def test_a_pool_of_one_per_class_attaches_without_a_length_check(tiny_lm) -> Non
     index = DemoIndex([POOL[1], POOL[3]], labels=["0", "1"])  # each member's own class has nothing else to show
     model.attach_demos(index, DemoConfig())
     assert model.encode(["a new film"])[0].cut == 0
+
+
+def test_train_defaults_to_the_studys_two_per_class_and_experiments_keep_lmbffs_one() -> None:
+    parse = build_parser().parse_args
+    assert parse(["train", "--task", "SST-2", "--out", "x", "--demos", "similar"]).demos_per_class == DEMO_PER_CLASS == 2
+    assert parse(["eval", "embedded", "--task", "SST-2"]).demos_per_class == 2
+    experiment = parse(["experiment", "--tasks", "SST-2", "--methods", "prompt-demo-similar", "--seeds", "13"])
+    assert experiment.demos_per_class == 1  # the study's cache keys rest on LM-BFF's default

@@ -149,24 +149,31 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
     g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="options of probe/prompt-tuning/prefix-tuning/lora, e.g. lora_r=8, pooling=mean, num_virtual_tokens=10")
-    g = p.add_argument_group("demonstrations (LM-BFF: one labelled example per class in every prompt)")
+    g = p.add_argument_group("demonstrations (labelled training examples of every class in each prompt, as LM-BFF's)")
     g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
     g.add_argument("--demo-eval", default="top1", choices=["top1", "similar", "random"], help="how evaluation/prediction picks them")
     g.add_argument("--num-sample", type=int, default=1, help="evaluation draws to average (LM-BFF: 16; ignored for top1)")
     g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' samples from this top fraction")
     g.add_argument("--demo-encoder", help="sentence-transformers model for similarity (default: all-MiniLM-L6-v2)")
-    add_demo_format_args(g)
+    from fsserve.config import DEMO_PER_CLASS
+
+    add_demo_format_args(g, per_class=DEMO_PER_CLASS)
 
 
-def add_demo_format_args(g: Any) -> None:
-    """The demonstration format flags (fsserve.config.DemoConfig's order, separator, per_class, label_after)."""
+def add_demo_format_args(g: Any, per_class: int = 1) -> None:
+    """The demonstration format flags (fsserve.config.DemoConfig's order, separator, per_class, label_after).
+
+    ``per_class`` is the --demos-per-class default: LM-BFF's 1 for experiments (their cache keys rest on
+    it), the demonstrations study's choice (``DEMO_PER_CLASS``) for train and eval.
+    """
     from fsserve.config import DEMO_ORDERS
 
     g.add_argument("--demo-order", default="class", choices=list(DEMO_ORDERS),
                    help="class (LM-BFF), shuffle (seeded by each query's text) or similar-last (the most similar next to the query)")
     g.add_argument("--demo-separator", type=escaped_text, default=" ", metavar="TEXT",
                    help=r"text between demonstrations and the query, with \n and \t escapes, e.g. '\n' (default: a space)")
-    g.add_argument("--demos-per-class", type=int, default=1, metavar="N", help="demonstrations of each class in every prompt (default 1)")
+    g.add_argument("--demos-per-class", type=int, default=per_class, metavar="N",
+                   help=f"demonstrations of each class in every prompt (default {per_class}; LM-BFF: 1)")
     g.add_argument("--demo-label-after", action=argparse.BooleanOptionalAction, default=True,
                    help="end each demonstration with its label word (--no-demo-label-after: its text only, an ablation)")
 
