@@ -1,20 +1,26 @@
-"""Demonstrations by default: truncation counted, a cutting max_length warned about, the CLI sizing the prompt and its demonstrations."""
+"""Demonstrations by default: truncation counted, a cutting max_length warned about, the CLI sizing the prompt and its
+demonstrations, and training and prediction defaulting to the study's format and averaged draws."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+import torch
 
+from fsserve.cli import main
 from fsserve.cli.args import default_max_length
 from fsserve.cli.main import build_parser
-from fsserve.config import DEMO_MAX_LENGTH, DEMO_PER_CLASS, DemoConfig, PromptConfig
+from fsserve.config import DEMO_EVAL, DEMO_MAX_LENGTH, DEMO_NUM_SAMPLE, DEMO_PER_CLASS, DemoConfig, PromptConfig
 from fsserve.data import Example
 from fsserve.demos import DemoIndex
+from fsserve.demos.prompting import demo_encoder
 from fsserve.modeling import PromptModel
 from fsserve.prompts import Prompt
 
+TRAIN = Path(__file__).resolve().parents[1] / "examples" / "sentiment_train.jsonl"
 LONG = " ".join(["a slow, muddled and overlong drama that never finds its story"] * 4)
 POOL = [Example(LONG, label="0"), Example("dull and tired", label="0"),
         Example(LONG.replace("slow", "warm"), label="1"), Example("a lovely film", label="1")]
@@ -78,3 +84,21 @@ def test_train_defaults_to_the_studys_two_per_class_and_experiments_keep_lmbffs_
     assert parse(["eval", "embedded", "--task", "SST-2"]).demos_per_class == 2
     experiment = parse(["experiment", "--tasks", "SST-2", "--methods", "prompt-demo-similar", "--seeds", "13"])
     assert experiment.demos_per_class == 1  # the study's cache keys rest on LM-BFF's default
+
+
+def test_train_and_predict_default_to_the_studys_averaged_draws(tiny_lm_dir, tmp_path: Path) -> None:
+    out = tmp_path / "demo-model"
+    assert main(["train", "--model", str(tiny_lm_dir("gemma")), "--train", str(TRAIN), "--template", "{sent_0} It was {mask}.",
+                 "--label-words", "0:terrible,1:great", "--steps", "1", "--demos", "similar", "--out", str(out)]) == 0
+    saved = json.loads((out / "fsserve.json").read_text())["demos"]["config"]
+    assert (saved["eval_mode"], saved["num_sample"], saved["per_class"]) == (DEMO_EVAL, DEMO_NUM_SAMPLE, DEMO_PER_CLASS) == ("similar", 4, 2)
+    model = PromptModel.from_pretrained(out)
+    texts = ["What a joy.", "A dull, tired film."]
+    draws = demo_encoder(model.prompt, model.demo_index, model.demo_config)(texts)
+    assert len(draws) == 4 * len(texts)  # draw by draw: each query four times, with its own seeded demonstrations
+    assert len({tuple(e.input_ids) for e in draws[::2]}) > 1  # the first query's four prompts are not one
+    with torch.no_grad():
+        each = torch.stack([model(**model.collate([e])).float()[0] for e in draws]).reshape(4, len(texts), -1)
+    assert torch.allclose(model.predict_logits(texts), each.mean(dim=0), atol=1e-5)
+    top1 = build_parser().parse_args(["train", "--task", "SST-2", "--out", "x", "--demos", "similar", "--demo-eval", "top1"])
+    assert (top1.demo_eval, top1.num_sample) == ("top1", 4)  # top1 ignores the draws: one LM call a query

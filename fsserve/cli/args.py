@@ -151,8 +151,13 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
                    help="options of probe/prompt-tuning/prefix-tuning/lora, e.g. lora_r=8, pooling=mean, num_virtual_tokens=10")
     g = p.add_argument_group("demonstrations (labelled training examples of every class in each prompt, as LM-BFF's)")
     g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
-    g.add_argument("--demo-eval", default="top1", choices=["top1", "similar", "random"], help="how evaluation/prediction picks them")
-    g.add_argument("--num-sample", type=int, default=1, help="evaluation draws to average (LM-BFF: 16; ignored for top1)")
+    from fsserve.config import DEMO_EVAL, DEMO_NUM_SAMPLE
+
+    g.add_argument("--demo-eval", default=DEMO_EVAL, choices=["top1", "similar", "random"],
+                   help=f"how evaluation and prediction pick them (default {DEMO_EVAL}: --num-sample draws from each class's "
+                        "more similar examples, averaged; top1: the most similar ones, one LM call a query, cheapest to serve)")
+    g.add_argument("--num-sample", type=int, default=DEMO_NUM_SAMPLE,
+                   help=f"evaluation draws to average (default {DEMO_NUM_SAMPLE}, the demonstrations study's; LM-BFF: 16; ignored for top1)")
     g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' samples from this top fraction")
     g.add_argument("--demo-encoder", help="sentence-transformers model for similarity (default: all-MiniLM-L6-v2)")
     from fsserve.config import DEMO_PER_CLASS
