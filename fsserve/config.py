@@ -112,7 +112,7 @@ DEMO_MAX_LENGTH = 768
 DEMO_PER_CLASS = 2
 # How `fsserve train/eval --demos` picks them at evaluation and prediction (DemoConfig keeps ``top1``): 4 draws
 # from each class's more similar half, label logits averaged. With two per class the study's dev score
-# was 89.8 so (level two-per-class) and 87.7 with the single most similar set (level chosen): 4 LM calls a query buy 2.1 points.
+# was 89.8 this way (level two-per-class) and 87.7 with the single most similar set (level chosen): 4 LM calls a query buy 2.1 points.
 DEMO_EVAL = "similar"
 DEMO_NUM_SAMPLE = 4
 

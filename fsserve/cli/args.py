@@ -137,7 +137,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     """Optimisation arguments shared by train and eval."""
     g = p.add_argument_group("training")
-    from fsserve.config import METHODS
+    from fsserve.config import DEMO_EVAL, DEMO_NUM_SAMPLE, DEMO_PER_CLASS, METHODS
 
     g.add_argument("--method", default=default_method, choices=list(METHODS),
                    help="prompt (LM-BFF), finetune (standard), zero-shot, or a light adaptation of a frozen LM")
@@ -151,8 +151,6 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
                    help="options of probe/prompt-tuning/prefix-tuning/lora, e.g. lora_r=8, pooling=mean, num_virtual_tokens=10")
     g = p.add_argument_group("demonstrations (labelled training examples of every class in each prompt, as LM-BFF's)")
     g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
-    from fsserve.config import DEMO_EVAL, DEMO_NUM_SAMPLE
-
     g.add_argument("--demo-eval", default=DEMO_EVAL, choices=["top1", "similar", "random"],
                    help=f"how evaluation and prediction pick them (default {DEMO_EVAL}: --num-sample draws from each class's "
                         "more similar examples, averaged; top1: the most similar ones, one LM call a query, cheapest to serve)")
@@ -160,8 +158,6 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
                    help=f"evaluation draws to average (default {DEMO_NUM_SAMPLE}, the demonstrations study's; LM-BFF: 16; ignored for top1)")
     g.add_argument("--filter-rate", type=float, default=0.5, help="'similar' samples from this top fraction")
     g.add_argument("--demo-encoder", help="sentence-transformers model for similarity (default: all-MiniLM-L6-v2)")
-    from fsserve.config import DEMO_PER_CLASS
-
     add_demo_format_args(g, per_class=DEMO_PER_CLASS)
 
 
@@ -225,11 +221,12 @@ def default_max_length(args: argparse.Namespace) -> int:
     """--max-length, else 128 (LM-BFF) or, with demonstrations, a length that does not cut them (capped by the LM)."""
     if args.max_length is not None:
         return int(args.max_length)
+    from fsserve.config import DEMO_MAX_LENGTH, PromptConfig
+
     if getattr(args, "demos", "none") == "none":
-        return 128
+        return PromptConfig.max_length  # LM-BFF's 128
     from transformers import AutoConfig
 
-    from fsserve.config import DEMO_MAX_LENGTH
     from fsserve.embedded import resolve_model_path
 
     limit = getattr(AutoConfig.from_pretrained(resolve_model_path(args.model)), "max_position_embeddings", None)
