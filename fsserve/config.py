@@ -99,6 +99,10 @@ class PromptConfig(_JsonConfig):
         return self.regression_range is not None
 
 
+# torch.compile modes the CUDA-graph backend takes (Inductor without cudagraphs of its own: the graphs are
+# fsserve's). On an H200 "default" made the 1 x 32 Gemma 3 270M replay 3.6x faster (benchmarks/RESULTS.md).
+GRAPH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
 DEMO_MODES = ("random", "similar", "top1")
 DEMO_ORDERS = ("class", "shuffle", "similar-last")
 

@@ -301,6 +301,7 @@ class PromptModel(nn.Module):
         if self.kind == "causal":
             # Positions count real tokens only, so left- and right-padded batches give the same answer.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False  # one forward, no generation: a key/value cache is only work (and graph memory)
         hidden = self.backbone(**kwargs).last_hidden_state
         return hidden
 

@@ -181,6 +181,27 @@ def test_every_captured_bucket_equals_eager_fp32(tiny_lm: Any, arch: str) -> Non
         np.testing.assert_allclose(backend.label_logits(**batch), eager.label_logits(**batch), atol=1e-4, rtol=1e-4)
 
 
+def _compiled_bucket_matches_eager(tiny_lm: Any, arch: str, device: str) -> None:
+    """torch.compile'd forward in one bucket (captured on CUDA, run eagerly on the CPU twin) against eager fp32."""
+    graph_model, eager_model = _pair(tiny_lm, arch)
+    backend = GraphBackend(graph_model, device=device, dtype="float32", batch_buckets=(4,), seq_buckets=(64,), compile="default")
+    eager = TorchBackend(eager_model, device=device)
+    for rows in (1, 4, 3):
+        batch = _batch(eager_model, _texts(rows, 40 + rows))
+        np.testing.assert_allclose(backend.label_logits(**batch), eager.label_logits(**batch), atol=1e-4, rtol=1e-4)
+
+
+def test_a_compiled_forward_in_a_bucket_equals_eager_fp32_on_the_cpu(tiny_lm: Any) -> None:
+    _compiled_bucket_matches_eager(tiny_lm, "gpt2", "cpu")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ["bert", "gemma"])
+def test_a_compiled_forward_in_a_captured_graph_equals_eager_fp32(tiny_lm: Any, arch: str) -> None:
+    _compiled_bucket_matches_eager(tiny_lm, arch, "cuda")
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_a_replay_with_new_contents_is_never_stale(tiny_lm: Any) -> None:
@@ -234,7 +255,9 @@ def test_torch_only_options_are_refused_for_onnx(tmp_path: Any, capsys: pytest.C
     from fsserve.predictor import onnx_options, trt_cache_dir
 
     assert main(["predict", str(tmp_path), "--backend", "onnx", "--no-cuda-graphs", "A fine film."]) == 2
-    assert "--no-cuda-graphs and --dtype apply to --backend torch" in capsys.readouterr().err
+    assert "--no-cuda-graphs, --dtype and --compile apply to --backend torch" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--backend", "onnx", "--compile", "default", "A fine film."]) == 2
+    assert "--compile apply to --backend torch" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cuda_graphs apply to the torch backend"):
         onnx_options(tmp_path, "cpu", {"cuda_graphs": False})
     bundle = tmp_path / "bundles" / "sst2"
@@ -248,4 +271,20 @@ def test_serve_and_predict_take_the_gpu_options() -> None:
     args = build_parser().parse_args(["serve", "runs/x", "--device", "cuda", "--no-cuda-graphs", "--dtype", "float16"])
     assert (args.device, args.no_cuda_graphs, args.dtype) == ("cuda", True, "float16")
     args = build_parser().parse_args(["predict", "runs/x", "a", "--device", "cuda:1", "b"])
-    assert (args.device, args.no_cuda_graphs, args.dtype, args.texts) == ("cuda:1", False, None, ["a", "b"])
+    assert (args.device, args.no_cuda_graphs, args.dtype, args.compile, args.texts) == ("cuda:1", False, None, None, ["a", "b"])
+    args = build_parser().parse_args(["serve", "runs/x", "--device", "cuda", "--compile", "default"])
+    assert args.compile == "default"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "runs/x", "--compile", "reduce-overhead"])  # its own cudagraphs would nest in ours
+
+
+def test_the_server_checks_its_compile_mode_and_the_cpu_refuses_it(tiny_lm: Any) -> None:
+    from fsserve.predictor import Predictor
+    from fsserve.serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        ServerConfig(models={"m": "runs/x"}, compile="fast")
+    assert ServerConfig(models={"m": "runs/x"}, compile="default").compile == "default"
+    model, _ = _pair(tiny_lm, "bert")
+    with pytest.raises(ValueError, match="compile only apply to the CUDA-graph backend"):
+        Predictor.from_model(model, device="cpu", compile="default")

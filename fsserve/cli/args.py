@@ -103,10 +103,15 @@ def check_model_source(name: str, saved: bool = False, try_hub: bool = True) -> 
 
 # -- shared argument groups ---------------------------------------------------------------
 def add_torch_device_args(p: argparse.ArgumentParser) -> None:
-    """How the torch backend runs on a GPU: CUDA graphs (default there) and the weights' dtype."""
+    """How the torch backend runs on a GPU: CUDA graphs (default there), the weights' dtype, torch.compile inside the graphs."""
+    from fsserve.config import GRAPH_COMPILE_MODES
+
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: run eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="torch backend weights (default: bfloat16 with CUDA graphs, the saved dtype otherwise)")
+    p.add_argument("--compile", choices=GRAPH_COMPILE_MODES,
+                   help="torch on CUDA: compile the forward with torch.compile in this mode before capturing the graphs "
+                        "(slower start, faster calls: 3.6x on the 1 x 32 Gemma replay)")
 
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str | None) -> None:

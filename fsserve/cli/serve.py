@@ -38,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         cuda_graphs=False if args.no_cuda_graphs else None,
         dtype=args.dtype,
+        compile=args.compile,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token=args.token,

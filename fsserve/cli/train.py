@@ -106,9 +106,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.backend = "onnx" if (Path(args.model) / "manifest.json").is_file() else "torch"
     options: dict[str, Any] = {}
     if args.backend == "torch":
-        options = {k: v for k, v in (("cuda_graphs", False if args.no_cuda_graphs else None), ("dtype", args.dtype)) if v is not None}
-    elif args.no_cuda_graphs or args.dtype:
-        raise ValueError("--no-cuda-graphs and --dtype apply to --backend torch")
+        options = {k: v for k, v in (("cuda_graphs", False if args.no_cuda_graphs else None), ("dtype", args.dtype), ("compile", args.compile))
+                   if v is not None}
+    elif args.no_cuda_graphs or args.dtype or args.compile:
+        raise ValueError("--no-cuda-graphs, --dtype and --compile apply to --backend torch")
     predictor = Predictor.from_pretrained(args.model, backend=args.backend, device=args.device, batch_size=args.batch_size, **options)
     start = time.perf_counter()
     probs = predictor.predict_proba(texts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsserve.config import _JsonConfig
+from fsserve.config import GRAPH_COMPILE_MODES, _JsonConfig
 
 BACKENDS = ("auto", "torch", "onnx")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the largest request either protocol takes (gRPC message, HTTP body)
@@ -48,6 +48,7 @@ class ServerConfig(_JsonConfig):
     device: str | None = None
     cuda_graphs: bool | None = None  # torch on CUDA: captured graphs unless False
     dtype: str | None = None  # torch: None is bfloat16 with CUDA graphs, the model's own dtype otherwise
+    compile: str | None = None  # torch with CUDA graphs: a torch.compile mode for the forward before capture
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None
@@ -73,6 +74,8 @@ class ServerConfig(_JsonConfig):
             raise ValueError("max_queue_delay_ms and grace_period_s must not be negative")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.compile is not None and self.compile not in GRAPH_COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}: use one of {', '.join(GRAPH_COMPILE_MODES)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
         if self.token is not None and not self.token.strip():

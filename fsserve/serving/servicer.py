@@ -75,9 +75,11 @@ class ServedModel:
         if backend == "auto":
             backend = "onnx" if (path / "manifest.json").is_file() else "torch"
         start = time.perf_counter()
-        torch_options = {"cuda_graphs": config.cuda_graphs, "dtype": config.dtype} if backend == "torch" else {}
+        torch_options = {"cuda_graphs": config.cuda_graphs, "dtype": config.dtype, "compile": config.compile} if backend == "torch" else {}
         options = {k: v for k, v in torch_options.items() if v is not None}
         predictor = Predictor.from_pretrained(path, backend=backend, device=config.device, batch_size=config.max_batch_size, **options)
+        if getattr(predictor.backend, "capture", False):  # CUDA graphs: every bucket captured before the model reports ready
+            predictor.backend.warmup()
         logger.info("event=model_loaded model=%s path=%s backend=%s labels=%d seconds=%.2f", name, path, backend, len(predictor.labels), time.perf_counter() - start)
         return cls(name, predictor, config, platform=f"fsserve_{backend}", metrics=metrics)
 
