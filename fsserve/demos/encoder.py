@@ -44,6 +44,16 @@ def load_encoder(name: str, device: str = "cpu") -> Any:
     return SentenceTransformer(path, device=device)
 
 
+@functools.lru_cache(maxsize=4)
+def query_encoder(name: str, device: str = "cpu") -> Any:
+    """What embeds queries on ``device``: captured CUDA graphs on a GPU (a replay, not a launch per kernel), the model elsewhere."""
+    if device.startswith("cuda"):
+        from fsserve.demos.graph_encoder import GraphSentenceEncoder
+
+        return GraphSentenceEncoder(load_encoder(name, device), device=device)
+    return load_encoder(name, device)
+
+
 def query_text(query: Query) -> str:
     """The text a query is embedded and compared under (pairs joined, as for the pool)."""
     if isinstance(query, str):

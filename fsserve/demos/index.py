@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fsserve.data import Example, TaskSpec, get_task, regression_class
-from fsserve.demos.encoder import DEFAULT_ENCODER, Query, load_encoder, pair_text, query_text
+from fsserve.demos.encoder import DEFAULT_ENCODER, Query, pair_text, query_encoder, query_text
 from fsserve.utils.atomic import atomic_directory, sha256_file, write_json_atomic
 from fsserve.utils.device import resolve_device
 
@@ -257,7 +257,7 @@ class DemoIndex:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts in one encoder call, as L2-normalised float32 rows (cosine = inner product)."""
-        model = self._encoder if self._encoder is not None else load_encoder(self.encoder_name, self.device)
+        model = self._encoder if self._encoder is not None else query_encoder(self.encoder_name, self.device)
         dim = getattr(self, "dim", None)
         if dim is not None and model.get_embedding_dimension() != dim:
             raise ValueError(f"encoder {self.encoder_name!r} gives {model.get_embedding_dimension()}-dimensional "

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 CONFIG = "encoder.json"
 GRAPH = "model.onnx"
 TOKENIZER = "tokenizer.json"
-POOLINGS = ("mean", "cls")
 EXPORT_ATOL = 1e-4
 _PROBES = ("A fine film.", "so dull", "The plot never comes together, and the acting is flat; an hour too long.", "naïve café, 3.5/10")
 
@@ -74,54 +73,27 @@ class OnnxSentenceEncoder:
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
-def _pooling(model: Any) -> str:
-    """The sentence-transformers model's pooling, refused unless the graph can reproduce it."""
-    config = model[1].get_config_dict() if len(model) > 1 and hasattr(model[1], "get_config_dict") else {}
-    mode = config.get("pooling_mode") or ("mean" if config.get("pooling_mode_mean_tokens") else None)
-    if mode not in POOLINGS:
-        raise ValueError(f"the encoder pools with {mode!r}; only {', '.join(POOLINGS)} pooling exports to ONNX here")
-    return str(mode)
-
-
 def export_sentence_encoder(name: str, directory: str | Path) -> Path:
     """Export a sentence-transformers encoder (transformer, pooling, normalisation) to ONNX and check it against torch."""
     import torch
 
     from fsserve.demos.encoder import load_encoder
+    from fsserve.demos.graph_encoder import PooledEncoder, pooling_mode
 
     model = load_encoder(name, "cpu")
     transformer = model[0].auto_model.eval()
     tokenizer = model.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"the encoder {name!r} has no fast tokenizer (tokenizer.json): it cannot embed without torch")
-    mode = _pooling(model)
+    mode = pooling_mode(model)
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
-
-    class Pooled(torch.nn.Module):
-        """Transformer → pooling → L2 normalisation, the one function the graph holds."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            hidden = self.transformer(**kwargs).last_hidden_state
-            if mode == "mean":
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            else:
-                pooled = hidden[:, 0]
-            return torch.nn.functional.normalize(pooled, dim=-1)
 
     sample = tokenizer(list(_PROBES), padding=True, return_tensors="pt")
     args = tuple(sample[n] for n in names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names} | {"sentence_embedding": {0: "batch_size"}}
     dim = int(model.get_embedding_dimension())
     with atomic_directory(directory) as tmp, torch.inference_mode():
-        torch.onnx.export(Pooled().eval(), args, str(tmp / GRAPH), input_names=names, output_names=["sentence_embedding"],
+        torch.onnx.export(PooledEncoder(transformer, mode).eval(), args, str(tmp / GRAPH), input_names=names, output_names=["sentence_embedding"],
                           dynamic_axes=axes, opset_version=17, do_constant_folding=True, dynamo=False)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
         write_json_atomic(tmp / CONFIG, {"name": name, "dim": dim, "pooling": mode, "max_seq_length": int(model.max_seq_length),
