@@ -6,12 +6,14 @@ the shapes, not on the weights' values. The predictions of such a model are mean
 timings are quoted as such and never its accuracy.
 
     python benchmarks/random_lm.py --config CONFIG_DIR --tokenizer TOKENIZER_DIR --out /tmp/gemma-random
+    python benchmarks/random_lm.py --encoder MINILM_DIR_WITHOUT_WEIGHTS --out /tmp/minilm-random   # a sentence encoder
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,16 +40,37 @@ def build_random_lm(config_dir: str | Path, tokenizer_dir: str | Path, out: str 
     return out
 
 
+def build_random_encoder(model_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """Copy a sentence-transformers folder without its weights and give it random ones of the same architecture."""
+    import torch
+    import transformers
+
+    src, out = Path(model_dir), Path(out)
+    if not (src / "modules.json").is_file():
+        raise ValueError(f"{src} is not a sentence-transformers folder (no modules.json)")
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    torch.manual_seed(seed)
+    transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(str(src))).save_pretrained(out)
+    logger.info("saved a random sentence encoder to %s", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: build the folder and print where it is."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="folder with the real model's config.json")
-    parser.add_argument("--tokenizer", required=True, help="folder with the real model's tokenizer files")
+    parser.add_argument("--config", help="folder with the real model's config.json")
+    parser.add_argument("--tokenizer", help="folder with the real model's tokenizer files")
+    parser.add_argument("--encoder", help="a sentence-transformers folder (weights not needed): build a random encoder instead")
     parser.add_argument("--out", required=True, help="where the random LM folder is written")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(build_random_lm(args.config, args.tokenizer, args.out, args.seed))
+    if args.encoder:
+        print(build_random_encoder(args.encoder, args.out, args.seed))
+    elif args.config and args.tokenizer:
+        print(build_random_lm(args.config, args.tokenizer, args.out, args.seed))
+    else:
+        parser.error("give --config and --tokenizer (an LM), or --encoder (a sentence encoder)")
     return 0
 
 
