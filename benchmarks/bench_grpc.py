@@ -6,7 +6,7 @@ sends a fixed number of one-sentence requests (real SST-2 dev sentences when the
 there) from C client threads, each with its own channel, after a short warm-up; it reports the
 throughput (requests/s over the wall time) and the latency percentiles per request. "Without
 batching" is ``--max-batch-size 1`` (every request runs alone); "with" is the server's default
-batcher (up to 32 rows, 5 ms queue delay).
+batcher (up to 32 rows, no queue delay: a batch forms from what queued while the model ran).
 
 The server's overhead is measured at batch 1 against an in-process ``Predictor`` on the same
 bundle and backend, interleaved request by request (one gRPC call, then one in-process call, the
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="untimed requests per configuration")
     parser.add_argument("--pairs", type=int, default=24, help="interleaved gRPC/in-process pairs for the overhead figure")
     parser.add_argument("--batching", default="both", choices=["both", "on", "off"])
-    parser.add_argument("--delay-ms", type=float, default=5.0, help="the batcher's queue delay when batching")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="the batcher's queue delay when batching (the server's default: 0)")
     parser.add_argument("--threads", type=int, help="onnxruntime threads for the in-process Predictor (OMP_NUM_THREADS for the server)")
     parser.add_argument("--texts", help="CSV/JSONL of sentences (default: SST-2 dev from the shared data)")
     parser.add_argument("--device", help="the server's and the in-process Predictor's device (cpu, cuda; default: cuda when available)")

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--model-ms", default="0,3.4", help="the stand-in's milliseconds per batch, comma-separated")
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--requests", type=int, default=960, help="requests per (cost, batching, concurrency)")
-    parser.add_argument("--delay-ms", type=float, default=5.0, help="the batcher's queue delay when batching")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="the batcher's queue delay when batching (the server's default: 0)")
     parser.add_argument("--max-batch-size", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="out/bench_server_ceiling.json")

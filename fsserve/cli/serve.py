@@ -93,7 +93,9 @@ def add_serve_parsers(subparsers: Any) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port (-1: off)")
     p.add_argument("--http-port", type=int, help="also answer KServe v2 over HTTP/JSON on this port (Triton uses 8000; 0 picks a free one; default: off)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most rows run in one batch (and per request)")
-    p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="how long a request may wait for others to join its batch")
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                   help="how long a request may wait for others to join its batch (default 0: a batch forms from what "
+                        "queued while the model was busy, so a lone request never waits)")
     p.add_argument("--max-queue-size", type=int, default=256, help="requests that may wait per model; beyond it RESOURCE_EXHAUSTED")
     p.add_argument("--max-text-bytes", type=int, default=8192, help="longest accepted text, in UTF-8 bytes")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="auto: onnx for bundles, torch for saved models")

@@ -1,7 +1,8 @@
 """DynamicBatcher: groups concurrent requests for one model into batches, runs them off the event loop.
 
-Requests that arrive within ``max_queue_delay_ms`` of the oldest waiting one run together, up to
-``max_batch_size`` rows; each request gets its own rows back. The queue is bounded (a full queue
+Requests that queued while the model ran the previous batch, or that arrive within
+``max_queue_delay_ms`` of the oldest waiting one (default 0: a lone request never waits), run
+together, up to ``max_batch_size`` rows; each request gets its own rows back. The queue is bounded (a full queue
 raises QueueFull → RESOURCE_EXHAUSTED), a request whose deadline passed while waiting is dropped
 from its batch, and a failing batch is retried request by request so one bad request cannot fail
 the others.
@@ -55,7 +56,7 @@ class DynamicBatcher:
     (2, 2)
     """
 
-    def __init__(self, predict: PredictFn, max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue_size: int = 256, metrics: Any = None,
+    def __init__(self, predict: PredictFn, max_batch_size: int = 32, max_queue_delay_ms: float = 0.0, max_queue_size: int = 256, metrics: Any = None,
                  model: str = "model", bucket_sizes: Sequence[int] | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch_size and max_queue_size must be at least 1 and max_queue_delay_ms not negative")
