@@ -117,7 +117,7 @@ class Predictor:
         """
         if hasattr(model, "members"):
             return EnsemblePredictor.from_model(model, device=device, batch_size=batch_size, **kwargs)
-        backend = torch_backend(model, device, cuda_graphs, **kwargs)
+        backend = torch_backend(model, device, cuda_graphs, max_rows=batch_size, **kwargs)
         cfg = model.prompt_config
         encode = model.encode
         if model.method == "prompt" and model.demo_index is not None:  # the bundle's encoder: LM-BFF's averaged draws included
@@ -199,8 +199,12 @@ class Predictor:
 
 
 
-def torch_backend(model: Any, device: str | None = None, cuda_graphs: bool | None = None, **kwargs: Any) -> Any:
-    """The torch backend for a model: CUDA graphs by default on a GPU, eager elsewhere or when asked."""
+def torch_backend(model: Any, device: str | None = None, cuda_graphs: bool | None = None, max_rows: int | None = None, **kwargs: Any) -> Any:
+    """The torch backend for a model: CUDA graphs by default on a GPU, eager elsewhere or when asked.
+
+    ``max_rows``: the most rows a call will carry (the Predictor's batch size): the graphs' batch
+    buckets stop there unless ``batch_buckets`` names them.
+    """
     from fsserve.utils.device import resolve_device
 
     resolved = resolve_device(device)
@@ -208,8 +212,11 @@ def torch_backend(model: Any, device: str | None = None, cuda_graphs: bool | Non
     if cuda_graphs and not on_cuda:
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {resolved!r}")
     if on_cuda and cuda_graphs is not False:
+        from fsserve.runtime.buckets import batch_buckets_up_to
         from fsserve.runtime.graphs import GraphBackend
 
+        if max_rows is not None and kwargs.get("batch_buckets") is None:
+            kwargs["batch_buckets"] = batch_buckets_up_to(max_rows)
         return GraphBackend(model, device=resolved, **kwargs)
     from fsserve.runtime.torch import TorchBackend
 

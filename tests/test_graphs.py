@@ -68,6 +68,17 @@ def test_the_plan_covers_the_prompts_max_length_and_refuses_bad_buckets() -> Non
             BucketPlan(batch=bad)
 
 
+def test_batch_buckets_stop_at_what_a_call_can_carry() -> None:
+    from fsserve.runtime.buckets import batch_buckets_up_to
+
+    assert batch_buckets_up_to(32) == (1, 2, 4, 8, 16, 32)  # no 64-row graph for a Predictor of batch_size 32
+    assert batch_buckets_up_to(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets_up_to(1) == (1,)
+    assert batch_buckets_up_to(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        batch_buckets_up_to(0)
+
+
 def test_the_batcher_takes_what_fills_a_bucket() -> None:
     plan = BucketPlan(batch=(1, 2, 4, 8, 16, 32))
     assert [plan.fitting_batch(n) for n in (1, 3, 9, 31, 40)] == [1, 2, 8, 16, 32]

@@ -29,6 +29,17 @@ DEFAULT_SEQ_BUCKETS = (32, 64, 128, 256)
 SEQ_ALIGN = 32
 
 
+def batch_buckets_up_to(max_rows: int, buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> tuple[int, ...]:
+    """The batch buckets a caller that never sends more than ``max_rows`` rows needs: the smaller ones, then ``max_rows``.
+
+    A Predictor with ``batch_size=32`` never hands the backend 64 rows, so capturing a 64-row graph
+    would only cost load time and pool memory (the largest graph sets the pool's size).
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    return tuple(b for b in _sizes(buckets, "batch") if b < max_rows) + (int(max_rows),)
+
+
 def _sizes(values: Sequence[int], what: str) -> tuple[int, ...]:
     """Sorted, distinct, positive bucket sizes, or a ValueError naming the bad ones."""
     try:
