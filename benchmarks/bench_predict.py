@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fsserve.bench.report import machine_info, write_json_and_markdown
+from fsserve.config import GRAPH_COMPILE_MODES
 from fsserve.bench.timing import load_texts, summarize
 
 TEMPLATE = "{sent_0} It was {mask}."
@@ -124,6 +125,18 @@ def demo_selection(device: str, pool: list[str], queries: list[str], runs: int, 
     return out
 
 
+def load_base(model_name: str) -> Any:
+    """The benchmark's prompt model: SST-2's template and words, 256 tokens, the decoder form for a causal LM."""
+    from fsserve.config import PromptConfig
+    from fsserve.modeling import PromptModel
+    from fsserve.prompts import decoder_template
+
+    base = PromptModel.from_pretrained(model_name, prompt=PromptConfig(TEMPLATE, WORDS, max_length=256)).eval()
+    if base.kind == "causal":
+        base = PromptModel(base.lm, base.tokenizer, PromptConfig(decoder_template(TEMPLATE), WORDS, max_length=256), kind="causal").eval()
+    return base
+
+
 def run(model_name: str, device: str, cells: list[tuple[int, int]], runs: int, texts_source: str | None, encoder: str | None = None,
         compile_mode: str | None = None, extras: bool = True) -> dict[str, Any]:
     """Every cell interleaved, then fidelity, memory and demonstration selection; the JSON record.
@@ -134,15 +147,10 @@ def run(model_name: str, device: str, cells: list[tuple[int, int]], runs: int, t
     """
     import torch
 
-    from fsserve.config import PromptConfig
-    from fsserve.modeling import PromptModel
     from fsserve.predictor import Predictor
-    from fsserve.prompts import decoder_template
 
     pool, source = load_texts(texts_source)
-    base = PromptModel.from_pretrained(model_name, prompt=PromptConfig(TEMPLATE, WORDS, max_length=256)).eval()
-    if base.kind == "causal":
-        base = PromptModel(base.lm, base.tokenizer, PromptConfig(decoder_template(TEMPLATE), WORDS, max_length=256), kind="causal").eval()
+    base = load_base(model_name)
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     on_cuda = device.startswith("cuda")
@@ -213,7 +221,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed rounds per cell")
     parser.add_argument("--texts", help="CSV/JSONL of sentences (default: SST-2 dev from the shared data)")
     parser.add_argument("--encoder", help="sentence encoder for the demonstration timing (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--compile", dest="compile_mode", choices=["default", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile", dest="compile_mode", choices=GRAPH_COMPILE_MODES,
                         help="also time the graphs with the forward compiled by torch.compile in this mode")
     parser.add_argument("--timing-only", action="store_true", help="skip fidelity and demonstration selection")
     parser.add_argument("--out", default="out/bench_predict.json")

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from bench_predict import TEMPLATE, WORDS, text_of_length
+from bench_predict import interleaved, load_base, text_of_length
 from fsserve.bench.report import machine_info, write_json_and_markdown
+from fsserve.config import GRAPH_COMPILE_MODES
 from fsserve.bench.timing import load_texts
 
 
@@ -99,15 +100,7 @@ def fidelity_breakdown(base: Any, device: str, texts: list[str]) -> dict[str, An
 
 def median_ms(call: Callable[[], Any], runs: int, sync: Callable[[], None]) -> float:
     """Median wall milliseconds of ``call`` (synchronised before and after), after one untimed call."""
-    call()
-    samples = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        call()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(samples))
+    return float(np.median(interleaved({"call": call}, runs, sync)["call"]))
 
 
 def where_time_goes(base: Any, device: str, pool: list[str], cells: list[tuple[int, int]], runs: int) -> dict[str, Any]:
@@ -188,15 +181,9 @@ def compiled_graph(base: Any, device: str, mode: str, runs: int) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The three parts in order, each only while the deadline allows."""
-    from fsserve.config import PromptConfig
-    from fsserve.modeling import PromptModel
-    from fsserve.prompts import decoder_template
-
     began = time.perf_counter()
     pool, source = load_texts(args.texts_file)
-    base = PromptModel.from_pretrained(args.model, prompt=PromptConfig(TEMPLATE, WORDS, max_length=256)).eval()
-    if base.kind == "causal":
-        base = PromptModel(base.lm, base.tokenizer, PromptConfig(decoder_template(TEMPLATE), WORDS, max_length=256), kind="causal").eval()
+    base = load_base(args.model)
     cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",") if c.strip()]
     record: dict[str, Any] = {"benchmark": "gpu_profile", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
                               "device": args.device, "texts": source, "machine": machine_info(), "skipped": []}
@@ -261,7 +248,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--texts", type=int, default=872, help="sentences for the fidelity breakdown")
     parser.add_argument("--texts-file", help="CSV/JSONL of sentences (default: SST-2 dev from the shared data)")
-    parser.add_argument("--compile", choices=["default", "max-autotune-no-cudagraphs"], help="also compile the 1 x 32 graph in this mode")
+    parser.add_argument("--compile", choices=GRAPH_COMPILE_MODES, help="also compile the 1 x 32 graph in this mode")
     parser.add_argument("--deadline-s", type=float, default=240.0, help="skip a part that would start with less than a minute left")
     parser.add_argument("--out", default="out/gpu_profile.json")
     args = parser.parse_args()
