@@ -4,9 +4,11 @@ Reads every ``studies/demos/<level>/cells/<task>/<method>/seed-*.json`` that ``r
 markdown. Phase 1 (every level but ``phase2``): for each level and method, the mean dev score per task
 over the seeds done (with their count), the mean over tasks, and its paired difference to the base
 level's prompt-demo-similar cells; choices read only this table. Phase 2 (``studies/demos/phase2``):
-mean dev and test score per task and method, and the issue's two targets on the test means
-(demonstrations - prompt FT >= +1, prompt FT - standard FT >= +10, averaged over the tasks all three
-methods have).
+mean dev and test score per task and method, LM-BFF's published RoBERTa-large cells
+(``fsserve.experiment.published``; "not confirmed" where no readable source shows one) with the gap
+to them, and the issue's two targets on the test means (demonstrations - prompt FT >= +1, prompt FT -
+standard FT >= +10, averaged over the tasks all three methods have), beside the same gap in LM-BFF's
+own cells where a source confirms both.
 
     .venv/bin/python studies/demos/summarize.py            # phase 1's dev table, then phase 2's
     .venv/bin/python studies/demos/summarize.py --test     # phase 1's test means too (never read for a choice)
@@ -19,6 +21,8 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from fsserve.experiment.published import published_score
 
 ROOT = Path(__file__).resolve().parent
 PHASE2_TASKS = ("SST-2", "sst-5", "trec", "RTE")
@@ -84,6 +88,14 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
         scored = means.get(method, {})
         mean = f"{statistics.mean(scored.values()):.1f}" if len(scored) == len(PHASE2_TASKS) else "—"
         lines.append(f"| {method} | {' | '.join(cols)} | {mean} |")
+    for method in methods:
+        theirs = {t: published_score(t, method) for t in tasks}
+        cols = []
+        for task in tasks:
+            score, ours = theirs[task], means.get(method, {}).get(task)
+            gap = f" ({ours - score.mean:+.1f} ours)" if score is not None and ours is not None else ""
+            cols.append(f"{score}{gap}" if score is not None else "not confirmed")
+        lines.append(f"| *LM-BFF* {method} (test) | {' | '.join(cols)} | |")
     for better, worse, need in (("prompt-demo-similar", "prompt", 1.0), ("prompt", "finetune", 10.0)):
         shared = [t for t in tasks if t in means.get(better, {}) and t in means.get(worse, {})]
         if shared:
@@ -92,6 +104,13 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
             if len(shared) < len(PHASE2_TASKS):
                 verdict += f" so far, {len(shared)} of {len(PHASE2_TASKS)} tasks"
             lines.append(f"\n{better} - {worse} over {', '.join(shared)}: {gap:+.1f} (target >= +{need:g}: {verdict})")
+            theirs = {t: (published_score(t, better), published_score(t, worse)) for t in PHASE2_TASKS}
+            both = [t for t, (b, w) in theirs.items() if b is not None and w is not None]
+            if both:
+                own = statistics.mean(theirs[t][0].mean - theirs[t][1].mean for t in both)
+                ours = [means[better][t] - means[worse][t] for t in both if t in shared]
+                ours_txt = f"; ours over the same tasks: {statistics.mean(ours):+.1f}" if len(ours) == len(both) else ""
+                lines.append(f"  LM-BFF's published cells over {', '.join(both)} (both confirmed): {own:+.1f}{ours_txt}")
     return "\n".join(lines)
 
 
