@@ -142,7 +142,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
     """Optimisation arguments shared by train and eval."""
     g = p.add_argument_group("training")
-    from fsserve.config import DEMO_EVAL, DEMO_NUM_SAMPLE, DEMO_PER_CLASS, METHODS
+    from fsserve.config import DEMO_EVAL, DEMO_MODES, DEMO_NUM_SAMPLE, DEMO_PER_CLASS, METHODS
 
     g.add_argument("--method", default=default_method, choices=list(METHODS),
                    help="prompt (LM-BFF), finetune (standard), zero-shot, or a light adaptation of a frozen LM")
@@ -156,7 +156,7 @@ def add_training_args(p: argparse.ArgumentParser, default_method: str) -> None:
                    help="options of probe/prompt-tuning/prefix-tuning/lora, e.g. lora_r=8, pooling=mean, num_virtual_tokens=10")
     g = p.add_argument_group("demonstrations (labelled training examples of every class in each prompt, as LM-BFF's)")
     g.add_argument("--demos", default="none", choices=["none", "random", "similar"], help="how training draws demonstrations from the training set")
-    g.add_argument("--demo-eval", default=DEMO_EVAL, choices=["top1", "similar", "random"],
+    g.add_argument("--demo-eval", default=DEMO_EVAL, choices=list(DEMO_MODES),
                    help=f"how evaluation and prediction pick them (default {DEMO_EVAL}: --num-sample draws from each class's "
                         "more similar examples, averaged; top1: the most similar ones, one LM call a query, cheapest to serve)")
     g.add_argument("--num-sample", type=int, default=DEMO_NUM_SAMPLE,

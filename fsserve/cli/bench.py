@@ -18,6 +18,7 @@ logger = logging.getLogger("fsserve.cli")
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``bench`` command on the main CLI's subparsers and return its parser."""
     from fsserve.bench.backends import ALL_BACKENDS
+    from fsserve.config import DEMO_MODES
 
     p = subparsers.add_parser(
         "bench",
@@ -43,7 +44,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=540.0,
                    help="seconds for the whole run: each cell gets a share of what is left, by tokens, and at least one timed round (0: no limit)")
     p.add_argument("--demos", action="store_true", help="also time demonstration selection and the longer prompts it makes")
-    p.add_argument("--demo-mode", default="top1", choices=["top1", "similar", "random"])
+    p.add_argument("--demo-mode", default="top1", choices=list(DEMO_MODES), help="how each query's demonstrations are picked")
     p.add_argument("--texts", help="CSV/JSONL file of sentences to build inputs from (default: SST-2 dev from the shared data)")
     p.add_argument("--agreement", metavar="TASK_OR_FILE", help="also measure int8-vs-fp32 label agreement on this task's full dev set or file")
     p.add_argument("--agreement-max", type=int, help="a seeded sample of this many agreement examples, each class in its share (not the first N)")

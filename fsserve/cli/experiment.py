@@ -21,6 +21,8 @@ logger = logging.getLogger("fsserve.cli")
 
 def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``experiment`` command on the main CLI's subparsers and return its parser."""
+    from fsserve.config import PromptConfig
+
     p = subparsers.add_parser(
         "experiment",
         help="run the LM-BFF protocol over tasks × methods × seeds (cached, resumable)",
@@ -46,7 +48,7 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--finetune-lr", type=comma_list(float, "numbers"), help="learning-rate grid for standard fine-tuning (default: --lr)")
     g.add_argument("--batch-size", type=comma_list(int, "integers"), default=[8], help="batch-size grid (LM-BFF: 2,4,8)")
     g.add_argument("--freeze-embeddings", action="store_true", help="freeze input (and tied output) embeddings")
-    g.add_argument("--max-length", type=int, default=128, help="prompt length without demonstrations")
+    g.add_argument("--max-length", type=int, default=PromptConfig.max_length, help="prompt length without demonstrations (LM-BFF: 128)")
     g.add_argument("--eval-batch-size", type=int, default=16)
     g = p.add_argument_group("demonstrations and in-context")
     g.add_argument("--num-sample", type=int, default=16, help="demonstration draws averaged at evaluation (LM-BFF: 16)")
