@@ -86,6 +86,11 @@ def interleaved(calls: dict[str, Callable[[], Any]], runs: int, sync: Callable[[
     return samples
 
 
+def agreement(got: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Label agreement and max |Δ logit| of label logits against a reference: every fidelity check's two numbers."""
+    return {"label_agreement": float((got.argmax(-1) == truth.argmax(-1)).mean()), "max_abs_diff": float(np.abs(got - truth).max())}
+
+
 def fidelity(model: Any, device: str, texts: list[str]) -> dict[str, Any]:
     """Graph backend (fp32 and the default dtype) against eager fp32 on the CPU: label agreement, max |Δ logit|.
 
@@ -99,8 +104,7 @@ def fidelity(model: Any, device: str, texts: list[str]) -> dict[str, Any]:
     for dtype in ("float32", "auto"):
         graphs = Predictor.from_model(copy.deepcopy(model), device=device, dtype=dtype)
         got = graphs.label_logits(texts)
-        out[dtype] = {"label_agreement": float((got.argmax(-1) == eager.argmax(-1)).mean()), "max_abs_diff": float(np.abs(got - eager).max()),
-                      "dtype": str(getattr(graphs.backend, "dtype", "float32")).removeprefix("torch.")}
+        out[dtype] = {**agreement(got, eager), "dtype": str(getattr(graphs.backend, "dtype", "float32")).removeprefix("torch.")}
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_predict import interleaved, load_base, text_of_length
+from bench_predict import agreement, interleaved, load_base, text_of_length
 from fsserve.bench.report import machine_info, write_json_and_markdown
 from fsserve.config import GRAPH_COMPILE_MODES
 from fsserve.bench.timing import load_texts
@@ -53,7 +53,7 @@ def compare(name: str, got: np.ndarray, truth: np.ndarray, lengths: list[int]) -
     """Max |Δ logit| and label agreement against the truth, and the three worst rows with their token counts."""
     diff = np.abs(got - truth).max(axis=1)
     worst = np.argsort(-diff)[:3]
-    return {"variant": name, "max_abs_diff": float(diff.max()), "label_agreement": float((got.argmax(-1) == truth.argmax(-1)).mean()),
+    return {"variant": name, **agreement(got, truth),
             "rows_over_1e-3": int((diff > 1e-3).sum()), "worst": [{"row": int(i), "tokens": lengths[i], "diff": float(diff[i])} for i in worst]}
 
 
