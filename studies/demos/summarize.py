@@ -7,7 +7,7 @@ level's prompt-demo-similar cells; choices read only this table. Phase 2 (``stud
 mean dev and test score per task and method, LM-BFF's published RoBERTa-large cells
 (``fsserve.experiment.published``; "not confirmed" where no readable source shows one) with the gap
 to them, and the issue's two targets on the test means (demonstrations - prompt FT >= +1, prompt FT -
-standard FT >= +10, averaged over the tasks all three methods have), beside the same gap in LM-BFF's
+standard FT >= +10, averaged over the tasks all three methods have; per task on the seeds both have), beside the same gap in LM-BFF's
 own cells where a source confirms both.
 
     .venv/bin/python studies/demos/summarize.py            # phase 1's dev table, then phase 2's
@@ -75,6 +75,13 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
     lines = ["| method | " + " | ".join(f"{t} dev / test (seeds)" for t in tasks) + " | mean test |",
              "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
     means: dict[str, dict[str, float]] = {}
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}  # method -> task -> seed -> test
+
+    def paired(better: str, worse: str, task: str) -> float:
+        """Mean test gap on the seeds both methods have (a task still running compares like with like)."""
+        a, b = by_seed[better][task], by_seed[worse][task]
+        return statistics.mean(a[seed] - b[seed] for seed in a if seed in b)
+
     for method in methods:
         cols = []
         for task in tasks:
@@ -84,6 +91,7 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
                 continue
             dev, test = (100 * statistics.mean(c[k] for c in got) for k in ("dev", "test"))
             means.setdefault(method, {})[task] = test
+            by_seed.setdefault(method, {})[task] = {c["settings"]["seed"]: 100 * c["test"] for c in got}
             cols.append(f"{dev:.1f} / {test:.1f} ({len(got)})")
         scored = means.get(method, {})
         mean = f"{statistics.mean(scored.values()):.1f}" if len(scored) == len(PHASE2_TASKS) else "—"
@@ -97,9 +105,10 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
             cols.append(f"{score}{gap}" if score is not None else "not confirmed")
         lines.append(f"| *LM-BFF* {method} (test) | {' | '.join(cols)} | |")
     for better, worse, need in (("prompt-demo-similar", "prompt", 1.0), ("prompt", "finetune", 10.0)):
-        shared = [t for t in tasks if t in means.get(better, {}) and t in means.get(worse, {})]
+        shared = [t for t in tasks if t in means.get(better, {}) and t in means.get(worse, {})
+                  and set(by_seed[better][t]) & set(by_seed[worse][t])]
         if shared:
-            gap = statistics.mean(means[better][t] - means[worse][t] for t in shared)
+            gap = statistics.mean(paired(better, worse, t) for t in shared)
             verdict = "met" if gap >= need else "missed"
             if len(shared) < len(PHASE2_TASKS):
                 verdict += f" so far, {len(shared)} of {len(PHASE2_TASKS)} tasks"
@@ -108,7 +117,7 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
             both = [t for t, (b, w) in theirs.items() if b is not None and w is not None]
             if both:
                 own = statistics.mean(theirs[t][0].mean - theirs[t][1].mean for t in both)
-                ours = [means[better][t] - means[worse][t] for t in both if t in shared]
+                ours = [paired(better, worse, t) for t in both if t in shared]
                 ours_txt = f"; ours over the same tasks: {statistics.mean(ours):+.1f}" if len(ours) == len(both) else ""
                 lines.append(f"  LM-BFF's published cells over {', '.join(both)} (both confirmed): {own:+.1f}{ours_txt}")
     return "\n".join(lines)
