@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from fsserve.bench.report import machine_info, write_json_and_markdown
-from fsserve.config import GRAPH_COMPILE_MODES
 from fsserve.bench.timing import load_texts, summarize
+from fsserve.config import GRAPH_COMPILE_MODES
 
 TEMPLATE = "{sent_0} It was {mask}."
 WORDS = {"0": "terrible", "1": "great"}

@@ -29,8 +29,8 @@ import numpy as np
 
 from bench_predict import agreement, interleaved, load_base, text_of_length
 from fsserve.bench.report import machine_info, write_json_and_markdown
-from fsserve.config import GRAPH_COMPILE_MODES
 from fsserve.bench.timing import load_texts
+from fsserve.config import GRAPH_COMPILE_MODES
 
 
 class PaddedEager:

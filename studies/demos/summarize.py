@@ -74,8 +74,12 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
     methods = [m for m in PHASE2_METHODS if any(method == m for _, method in done)]
     lines = ["| method | " + " | ".join(f"{t} dev / test (seeds)" for t in tasks) + " | mean test |",
              "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
-    means: dict[str, dict[str, float]] = {}
     by_seed: dict[str, dict[str, dict[int, float]]] = {}  # method -> task -> seed -> test
+
+    def mean_test(method: str, task: str) -> float | None:
+        """The method's mean test score on the task over its seeds, None before its first cell."""
+        got = by_seed.get(method, {}).get(task)
+        return statistics.mean(got.values()) if got else None
 
     def paired(better: str, worse: str, task: str) -> float:
         """Mean test gap on the seeds both methods have (a task still running compares like with like)."""
@@ -90,23 +94,20 @@ def phase2_table(cells: dict[tuple[str, str, str], list[dict]]) -> str:
                 cols.append("—")
                 continue
             dev, test = (100 * statistics.mean(c[k] for c in got) for k in ("dev", "test"))
-            means.setdefault(method, {})[task] = test
             by_seed.setdefault(method, {})[task] = {c["settings"]["seed"]: 100 * c["test"] for c in got}
             cols.append(f"{dev:.1f} / {test:.1f} ({len(got)})")
-        scored = means.get(method, {})
-        mean = f"{statistics.mean(scored.values()):.1f}" if len(scored) == len(PHASE2_TASKS) else "—"
+        scored = by_seed.get(method, {})
+        mean = f"{statistics.mean(mean_test(method, t) for t in scored):.1f}" if len(scored) == len(PHASE2_TASKS) else "—"
         lines.append(f"| {method} | {' | '.join(cols)} | {mean} |")
     for method in methods:
-        theirs = {t: published_score(t, method) for t in tasks}
         cols = []
         for task in tasks:
-            score, ours = theirs[task], means.get(method, {}).get(task)
+            score, ours = published_score(task, method), mean_test(method, task)
             gap = f" ({ours - score.mean:+.1f} ours)" if score is not None and ours is not None else ""
             cols.append(f"{score}{gap}" if score is not None else "not confirmed")
         lines.append(f"| *LM-BFF* {method} (test) | {' | '.join(cols)} | |")
     for better, worse, need in (("prompt-demo-similar", "prompt", 1.0), ("prompt", "finetune", 10.0)):
-        shared = [t for t in tasks if t in means.get(better, {}) and t in means.get(worse, {})
-                  and set(by_seed[better][t]) & set(by_seed[worse][t])]
+        shared = [t for t in tasks if by_seed.get(better, {}).get(t, {}).keys() & by_seed.get(worse, {}).get(t, {}).keys()]
         if shared:
             gap = statistics.mean(paired(better, worse, t) for t in shared)
             verdict = "met" if gap >= need else "missed"
